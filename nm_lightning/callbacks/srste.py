@@ -1,0 +1,304 @@
+"""SRSTECallback: N:M sparse training (SR-STE, STE, fixed mask) on any LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from nm_lightning.masks import validate_nm
+from nm_lightning.metrics import MaskFlipRate, mask_flips, nonzero_count
+from nm_lightning.report import coverage, print_layer_table
+from nm_lightning.scheme import NMScheme
+from nm_lightning.sparsify import LayerPlan, SparseLayer, attach, plan_layers, split_state_dict
+from nm_lightning.srste import add_decay_
+
+__all__ = ["SRSTECallback"]
+
+CHECKPOINT_KEY = "nm_lightning"
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class SRSTECallback(Callback):
+    """Train N:M sparse weights with SR-STE (Zhou et al., ICLR 2021); no change to the model code.
+
+    In ``setup`` every selected Linear/Conv1d/2d/3d/MultiheadAttention weight gets an N:M
+    parametrization (same Parameter objects, so it works before or after the optimizer exists). Each
+    training forward keeps the ``n`` largest-|w| weights of every group of ``m``; the dense weight gets
+    the straight-through gradient plus ``decay·(1−E)⊙W``, added once per optimizer step on the unscaled,
+    reduced gradient. ``decay=0`` is plain STE. ``mode="fixed"`` computes the mask once (ASP-style
+    fine-tuning: pruned weights are zeroed and get no gradient); ``freeze_at_step`` or :meth:`freeze`
+    fixes the mask mid-run.
+
+    Setting λ (``decay``): its effect grows with learning rate × number of steps. The paper's 2e-4 was
+    set for ~600k ImageNet steps at lr 0.1; for much shorter runs raise it roughly in proportion (pick
+    it on a validation split, and watch ``nm/flip_rate``: it should fall towards zero as training ends).
+
+    Checkpoints hold the *plain* model's keys with masked weights (``Model.load_from_checkpoint`` works
+    on the never-sparsified class with ``strict=True``); the dense weights, masks and per-layer N:M go to
+    ``checkpoint["nm_lightning"]``, from which a resumed run continues bit for bit.
+
+    Args:
+        n: weights kept in every group.
+        m: group size.
+        decay: SR-STE λ on pruned weights (0 = STE).
+        layout: ``"input_channel"`` (hardware 2:4 pattern) or ``"flat"`` (reference code grouping).
+        include: name globs of layers to cover (default: all of the selected types).
+        exclude: name globs of layers to leave dense.
+        include_types: layer types to cover (default Linear, Conv1d/2d/3d, MultiheadAttention).
+        exclude_types: layer types to leave dense.
+        scheme: per-layer ``{name: [n, m]}`` (or a JSON/YAML path); then only these layers are covered.
+        mode: ``"dynamic"`` (mask recomputed every step) or ``"fixed"`` (mask computed once at setup).
+        freeze_at_step: optimizer step at which the dynamic mask becomes fixed.
+        strict: raise instead of reporting when a selected layer cannot be made N:M.
+        log_layers: also log per-layer metrics (``nm/layer/<name>/...``).
+        verbose: print the coverage table at fit start.
+        name: distinguishes several SRSTECallbacks on one Trainer (part of the checkpoint state key).
+    """
+
+    def __init__(
+        self,
+        n: int = 2,
+        m: int = 4,
+        decay: float = 2e-4,
+        layout: Literal["input_channel", "flat"] = "input_channel",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        include_types: list[str] | None = None,
+        exclude_types: list[str] | None = None,
+        scheme: dict[str, tuple[int, int]] | str | None = None,
+        mode: Literal["dynamic", "fixed"] = "dynamic",
+        freeze_at_step: int | None = None,
+        strict: bool = False,
+        log_layers: bool = True,
+        verbose: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.n, self.m, self.layout = validate_nm(n, m, layout)
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0 or decay != decay:
+            raise ValueError(f"SRSTECallback decay must be a float >= 0, got {decay!r}")
+        if mode not in ("dynamic", "fixed"):
+            raise ValueError(f"SRSTECallback mode must be 'dynamic' or 'fixed', got {mode!r}")
+        if freeze_at_step is not None and (isinstance(freeze_at_step, bool) or not isinstance(freeze_at_step, int)
+                                           or freeze_at_step < 0):
+            raise ValueError(f"SRSTECallback freeze_at_step must be an int >= 0 or None, got {freeze_at_step!r}")
+        self.decay = float(decay)
+        self.include, self.exclude = include, exclude
+        self.include_types, self.exclude_types = include_types, exclude_types
+        self.scheme_arg = scheme
+        self.scheme = self._load_scheme(scheme)
+        self.mode = mode
+        self.freeze_at_step = freeze_at_step
+        self.strict = strict
+        self.log_layers = log_layers
+        self.verbose = verbose
+        self.name = name
+        self.plans: list[LayerPlan] = []
+        self.layers: dict[str, SparseLayer] = {}
+        self._first_masks: dict[str, torch.Tensor] | None = None
+        self._prev_masks: dict[str, torch.Tensor] | None = None
+        self._last_step = -1
+        self._model_params = 0
+        self._table_shown = False
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name, include=self.include, exclude=self.exclude)
+
+    @property
+    def owner(self) -> str:
+        return self.state_key
+
+    @staticmethod
+    def _load_scheme(scheme: Mapping[str, Any] | str | Path | None) -> NMScheme | None:
+        if scheme is None:
+            return None
+        if isinstance(scheme, (str, Path)):
+            return NMScheme.load(scheme)
+        return scheme if isinstance(scheme, NMScheme) else NMScheme(scheme)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "first_masks": self._first_masks,
+            "prev_masks": self._prev_masks,
+            "scheme": {k: list(v) for k, v in self.layer_nm().items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != 1:
+            raise ValueError(f"unsupported SRSTECallback state version {state_dict.get('version')!r}")
+        self._first_masks = state_dict.get("first_masks")
+        self._prev_masks = state_dict.get("prev_masks")
+
+    def layer_nm(self) -> dict[str, tuple[int, int]]:
+        """Current ``(n, m)`` of every attached layer."""
+        return {k: (v.sparsity.n, v.sparsity.m) for k, v in self.layers.items()}
+
+    # ------------------------------------------------------------------ attach
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDED:
+            raise MisconfigurationException(
+                f"SRSTECallback does not support {strategy} yet (sharded parameters hide whole N:M groups); "
+                "use 'ddp', 'ddp_spawn' or a single device"
+            )
+        self.plans = plan_layers(
+            pl_module, self.n, self.m, self.layout, include=self.include, exclude=self.exclude,
+            include_types=self.include_types, exclude_types=self.exclude_types, scheme=self.scheme, owner=self.owner,
+        )
+        skipped = [p for p in self.plans if p.status == "skipped"]
+        if skipped and self.strict:
+            detail = "; ".join(f"{p.name}: {p.reason}" for p in skipped)
+            raise MisconfigurationException(f"SRSTECallback(strict=True): layers cannot be made N:M: {detail}")
+        self.layers = attach(pl_module, self.plans, self.layout, owner=self.owner)
+        if not self.layers:
+            raise MisconfigurationException(
+                "SRSTECallback found no layer to sparsify "
+                f"({len(skipped)} skipped, {sum(p.status == 'excluded' for p in self.plans)} excluded). "
+                "Layers built in `configure_model` do not exist yet when callbacks run `setup`; "
+                "build them in `__init__`, or check include/exclude/scheme."
+            )
+        if self.mode == "fixed":
+            self.freeze()
+        for p in skipped:
+            rank_zero_warn(f"SRSTECallback: {p.name} ({p.type_name} {p.shape}) stays dense: {p.reason}")
+        self._model_params = sum(p.numel() for p in pl_module.parameters())
+        if stage == "fit" and self.verbose and not self._table_shown:
+            self._table_shown = True
+            title = f"SR-STE {self.n}:{self.m} (λ={self.decay:g}, {self.mode} mask)"
+            rank_zero_only(print_layer_table)(self.plans, title, self._model_params)
+
+    # ------------------------------------------------------------------ mask freeze
+    def freeze(self, trainer: pl.Trainer | None = None) -> None:
+        """Fix every layer's current mask: pruned weights become exactly zero and get no gradient.
+
+        Optimizer state of pruned entries (momentum, Adam moments) is zeroed too, so nothing revives
+        them; pass the ``trainer`` when its optimizers already exist.
+        """
+        for layer in self.layers.values():
+            if layer.sparsity.frozen:
+                continue
+            mask = layer.sparsity.freeze(layer.original)
+            for opt in trainer.optimizers if trainer is not None else []:
+                for value in opt.state.get(layer.original, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                        value.masked_fill_(~mask, 0)
+        rank_zero_info(f"SRSTECallback: masks of {len(self.layers)} layers are now fixed")
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.layers) and all(layer.sparsity.frozen for layer in self.layers.values())
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.freeze_at_step is not None and trainer.global_step >= self.freeze_at_step and not self.frozen:
+            self.freeze(trainer)
+
+    # ------------------------------------------------------------------ SR-STE decay, once per optimizer step
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.decay == 0.0:
+            return
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for layer in self.layers.values():
+            w = layer.original
+            if layer.sparsity.frozen or w.grad is None or id(w) not in in_opt:
+                continue
+            add_decay_(w.grad, w, layer.sparsity.mask, self.decay)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self._last_step:
+            return  # accumulating: no optimizer step yet
+        self._last_step = trainer.global_step
+        with torch.no_grad():
+            for layer in self.layers.values():
+                if layer.sparsity.frozen:  # whatever the optimizer did, pruned weights stay exactly zero
+                    layer.original.masked_fill_(~layer.sparsity.mask, 0)
+        if self._first_masks is None:
+            self._first_masks = {k: v.sparsity.mask.detach().cpu().clone() for k, v in self.layers.items()}
+        every = max(1, trainer.log_every_n_steps)
+        if trainer.global_step % every == 0 and trainer.loggers:
+            self._log(trainer)
+        # the next logged step compares against the masks of this step
+        if (trainer.global_step + 1) % every == 0:
+            self._prev_masks = {k: v.sparsity.mask.detach().cpu().clone() for k, v in self.layers.items()}
+
+    # ------------------------------------------------------------------ telemetry
+    def metrics(self) -> dict[str, float]:
+        """Current sparsity and flip-rate metrics (the values logged under ``nm/``)."""
+        out: dict[str, float] = {}
+        nnz = total = 0
+        flip_prev, flip_first = MaskFlipRate(), MaskFlipRate()
+        for name, layer in self.layers.items():
+            mask = layer.sparsity.mask.detach().cpu()
+            w = layer.original.detach().cpu()
+            layer_nnz, numel = nonzero_count(w, mask), mask.numel()
+            nnz, total = nnz + layer_nnz, total + numel
+            if self.log_layers:
+                out[f"nm/layer/{name}/sparsity"] = 1.0 - layer_nnz / numel
+                out[f"nm/layer/{name}/n"] = float(layer.sparsity.n)
+            for store, metric, key in ((self._prev_masks, flip_prev, "flip_rate"),
+                                       (self._first_masks, flip_first, "flip_rate_since_start")):
+                if store is not None and name in store:
+                    metric.update(store[name], mask)
+                    if self.log_layers:
+                        out[f"nm/layer/{name}/{key}"] = mask_flips(store[name], mask) / numel
+        out["nm/sparsity"] = 1.0 - nnz / total if total else 0.0
+        out["nm/covered_share"] = coverage(self.plans, self._model_params)["covered_share"]
+        if self._prev_masks is not None:
+            out["nm/flip_rate"] = float(flip_prev.compute())
+        if self._first_masks is not None:
+            out["nm/flip_rate_since_start"] = float(flip_first.compute())
+        out["nm/frozen"] = float(self.frozen)
+        return out
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        values = self.metrics()
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Store plain keys (loadable into the never-sparsified model) plus the exact N:M state aside."""
+        plain, nm_entries = split_state_dict(checkpoint["state_dict"])
+        checkpoint["state_dict"] = plain
+        entry = checkpoint.setdefault(CHECKPOINT_KEY, {"version": 1, "state": {}})
+        entry["state"].update(nm_entries)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry is None:
+            rank_zero_warn(
+                "SRSTECallback: the checkpoint has no N:M state (a plain/dense checkpoint); "
+                "weights were loaded and masks recomputed from them"
+            )
+            return
+        if entry.get("version") != 1:
+            raise ValueError(f"unsupported nm_lightning checkpoint version {entry.get('version')!r}")
+        prefixes = {self._state_prefix(layer) for layer in self.layers.values()}
+        mine = {k: v for k, v in entry["state"].items() if any(k.startswith(p) for p in prefixes)}
+        result = pl_module.load_state_dict(mine, strict=False)
+        missing = [k for k in result.missing_keys if any(k.startswith(p) for p in prefixes)]
+        if missing:
+            raise RuntimeError(
+                f"SRSTECallback: the checkpoint lacks N:M state for {sorted({k.split('.parametrizations')[0] for k in missing})}; "
+                "was it written with the same layers sparsified?"
+            )
+
+    @staticmethod
+    def _state_prefix(layer: SparseLayer) -> str:
+        head = f"{layer.module_name}." if layer.module_name else ""
+        return f"{head}parametrizations.{layer.param_name}."
