@@ -84,8 +84,7 @@ def check_nm(shape: torch.Size | tuple[int, ...], n: int, m: int, layout: Layout
             return f"numel {gv.length} of shape {tuple(shape)} is not divisible by m={m} (layout 'flat')"
         what = "input features" if len(shape) == 2 else "input channels per group"
         return (
-            f"{what} (dim 1 of shape {tuple(shape)}) = {gv.length} is not divisible by m={m} "
-            f"(layout 'input_channel')"
+            f"{what} (dim 1 of shape {tuple(shape)}) = {gv.length} is not divisible by m={m} (layout 'input_channel')"
         )
     return None
 

@@ -30,14 +30,26 @@ def coverage(plans: Sequence[LayerPlan], total_params: int) -> dict[str, float]:
 def layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_params: int | None = None) -> Table:
     """One row per candidate weight: layer, type, shape, n:m, params, status and reason."""
     table = Table(title=title, show_lines=False)
-    for col, justify in [("layer", "left"), ("type", "left"), ("shape", "left"), ("n:m", "right"),
-                         ("params", "right"), ("status", "left"), ("why", "left")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for col, justify in [
+        ("layer", "left"),
+        ("type", "left"),
+        ("shape", "left"),
+        ("n:m", "right"),
+        ("params", "right"),
+        ("status", "left"),
+        ("why", "left"),
+    ]:
+        table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for p in plans:
         nm = f"{p.n}:{p.m}" if p.status == "covered" else "-"
         table.add_row(
-            p.name, p.type_name, "x".join(map(str, p.shape)) or "?", nm, f"{p.numel:,}" if p.shape else "?",
-            f"[{_STYLE[p.status]}]{p.status}[/]", p.reason,
+            p.name,
+            p.type_name,
+            "x".join(map(str, p.shape)) or "?",
+            nm,
+            f"{p.numel:,}" if p.shape else "?",
+            f"[{_STYLE[p.status]}]{p.status}[/]",
+            p.reason,
         )
     if total_params:
         c = coverage(plans, total_params)
@@ -49,4 +61,7 @@ def layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_p
 
 
 def print_layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_params: int | None = None) -> None:
-    Console().print(layer_table(plans, title, total_params))
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the reasons into 80 columns
+        console = Console(width=max(console.width, 160))
+    console.print(layer_table(plans, title, total_params))

@@ -201,6 +201,13 @@ def resolve_type(spec: str | type) -> type:
     return cls
 
 
+def _layer_name(module_name: str, param_name: str) -> str:
+    """``conv1`` for ``conv1.weight``; ``attn.in_proj_weight`` for other weights; the bare param at the root."""
+    if not module_name:
+        return param_name
+    return module_name if param_name == "weight" else f"{module_name}.{param_name}"
+
+
 def _weight_params(module: nn.Module, cls: type) -> list[str]:
     if issubclass(cls, nn.MultiheadAttention):
         return [p for p in _MHA_PARAMS if _get_param(module, p) is not None]
@@ -263,15 +270,16 @@ def plan_layers(
         if not candidates:
             p = _get_param(module, "weight")
             if p is not None and not issubclass(cls, inc_types):
-                plans.append(_plan(module_name, "weight", cls, p, n, m, "excluded", f"type {cls.__name__} not selected"))
+                plans.append(
+                    _plan(module_name, "weight", cls, p, n, m, "excluded", f"type {cls.__name__} not selected")
+                )
             continue
         for param_name in candidates:
             p = _get_param(module, param_name)
             assert p is not None
-            name = module_name if param_name == "weight" else f"{module_name}.{param_name}".lstrip(".")
+            name = _layer_name(module_name, param_name)
             ln, lm = scheme.get(name, (n, m)) if scheme is not None else (n, m)
             plan = _plan(module_name, param_name, cls, p, ln, lm, "covered", "")
-            plan.name = name
             plan.status, plan.reason = _decide(
                 plan, module, cls, p, layout, include, exclude, exc_types, scheme, owners, owner
             )
@@ -288,7 +296,9 @@ def _plan(
     module_name: str, param_name: str, cls: type, p: torch.Tensor, n: int, m: int, status: Any, reason: str
 ) -> LayerPlan:
     shape = () if isinstance(p, nn.parameter.UninitializedParameter) else tuple(p.shape)
-    return LayerPlan(module_name or "<root>", module_name, param_name, cls.__name__, shape, n, m, status, reason)
+    return LayerPlan(
+        _layer_name(module_name, param_name), module_name, param_name, cls.__name__, shape, n, m, status, reason
+    )
 
 
 def _decide(
@@ -359,7 +369,9 @@ def attach(
             parametrize.register_parametrization(module, plan.param_name, sp, unsafe=True)
             prefix_param = plan.param_name
 
-            def _hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, _p: str = prefix_param) -> None:
+            def _hook(
+                mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, _p: str = prefix_param
+            ) -> None:
                 found = _our_parametrization(mod, _p)
                 if found is not None:
                     found.accept_plain(state_dict, prefix, _p)
@@ -382,7 +394,7 @@ def sparse_layers(model: nn.Module, owner: str | None = None) -> dict[str, Spars
             sp = _our_parametrization(module, param_name)
             if sp is None or (owner is not None and getattr(sp, "owner", None) != owner):
                 continue
-            name = module_name if param_name == "weight" else f"{module_name}.{param_name}".lstrip(".")
+            name = _layer_name(module_name, param_name)
             found[name] = SparseLayer(name, module_name, module, param_name, sp, getattr(sp, "owner", None))
     return found
 

@@ -54,9 +54,16 @@ class TinyNet(pl.LightningModule):
 
 def trainer_kwargs(tmp_path, **over):
     kw = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=2, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        num_sanity_val_steps=0, deterministic=True,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
     )
     kw.update(over)
     return kw

@@ -86,8 +86,9 @@ class SRSTECallback(Callback):
             raise ValueError(f"SRSTECallback decay must be a float >= 0, got {decay!r}")
         if mode not in ("dynamic", "fixed"):
             raise ValueError(f"SRSTECallback mode must be 'dynamic' or 'fixed', got {mode!r}")
-        if freeze_at_step is not None and (isinstance(freeze_at_step, bool) or not isinstance(freeze_at_step, int)
-                                           or freeze_at_step < 0):
+        if freeze_at_step is not None and (
+            isinstance(freeze_at_step, bool) or not isinstance(freeze_at_step, int) or freeze_at_step < 0
+        ):
             raise ValueError(f"SRSTECallback freeze_at_step must be an int >= 0 or None, got {freeze_at_step!r}")
         self.decay = float(decay)
         self.include, self.exclude = include, exclude
@@ -152,8 +153,16 @@ class SRSTECallback(Callback):
                 "use 'ddp', 'ddp_spawn' or a single device"
             )
         self.plans = plan_layers(
-            pl_module, self.n, self.m, self.layout, include=self.include, exclude=self.exclude,
-            include_types=self.include_types, exclude_types=self.exclude_types, scheme=self.scheme, owner=self.owner,
+            pl_module,
+            self.n,
+            self.m,
+            self.layout,
+            include=self.include,
+            exclude=self.exclude,
+            include_types=self.include_types,
+            exclude_types=self.exclude_types,
+            scheme=self.scheme,
+            owner=self.owner,
         )
         skipped = [p for p in self.plans if p.status == "skipped"]
         if skipped and self.strict:
@@ -198,7 +207,9 @@ class SRSTECallback(Callback):
     def frozen(self) -> bool:
         return bool(self.layers) and all(layer.sparsity.frozen for layer in self.layers.values())
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.freeze_at_step is not None and trainer.global_step >= self.freeze_at_step and not self.frozen:
             self.freeze(trainer)
 
@@ -248,8 +259,10 @@ class SRSTECallback(Callback):
             if self.log_layers:
                 out[f"nm/layer/{name}/sparsity"] = 1.0 - layer_nnz / numel
                 out[f"nm/layer/{name}/n"] = float(layer.sparsity.n)
-            for store, metric, key in ((self._prev_masks, flip_prev, "flip_rate"),
-                                       (self._first_masks, flip_first, "flip_rate_since_start")):
+            for store, metric, key in (
+                (self._prev_masks, flip_prev, "flip_rate"),
+                (self._first_masks, flip_first, "flip_rate_since_start"),
+            ):
                 if store is not None and name in store:
                     metric.update(store[name], mask)
                     if self.log_layers:
@@ -271,14 +284,18 @@ class SRSTECallback(Callback):
             logger.log_metrics(values, step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """Store plain keys (loadable into the never-sparsified model) plus the exact N:M state aside."""
         plain, nm_entries = split_state_dict(checkpoint["state_dict"])
         checkpoint["state_dict"] = plain
         entry = checkpoint.setdefault(CHECKPOINT_KEY, {"version": 1, "state": {}})
         entry["state"].update(nm_entries)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         entry = checkpoint.get(CHECKPOINT_KEY)
         if entry is None:
             rank_zero_warn(
@@ -293,8 +310,9 @@ class SRSTECallback(Callback):
         result = pl_module.load_state_dict(mine, strict=False)
         missing = [k for k in result.missing_keys if any(k.startswith(p) for p in prefixes)]
         if missing:
+            layers = sorted({k.split(".parametrizations")[0] for k in missing})
             raise RuntimeError(
-                f"SRSTECallback: the checkpoint lacks N:M state for {sorted({k.split('.parametrizations')[0] for k in missing})}; "
+                f"SRSTECallback: the checkpoint lacks N:M state for {layers}; "
                 "was it written with the same layers sparsified?"
             )
 

@@ -1,0 +1,137 @@
+"""SR-STE gradient rule, STE, fixed mask and freeze at the module level (no Trainer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nm_lightning import attach, nm_mask, plan_layers
+from nm_lightning.srste import add_decay_, decay_term, fixed_mask, ste_mask
+
+
+def _grad_wrt_masked(layer: nn.Module, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    leaf = masked.detach().clone().requires_grad_(True)
+    fn = nn.functional.linear if isinstance(layer, nn.Linear) else nn.functional.conv2d
+    out = fn(x, leaf)
+    (out**2).sum().backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("decay", [0.0, 2e-4, 0.5])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_gradient_equals_formula(decay, kind):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 6, bias=False) if kind == "linear" else nn.Conv2d(8, 4, 3, bias=False)
+    x = torch.randn(5, 16) if kind == "linear" else torch.randn(2, 8, 6, 6)
+    w = layer.weight
+    dense = w.detach().clone()
+    layers = attach(layer, plan_layers(layer, 2, 4))
+    sp = layers["weight"].sparsity
+    assert layer.parametrizations.weight.original is w  # same Parameter object
+    (layer(x) ** 2).sum().backward()
+    mask = nm_mask(dense, 2, 4)
+    assert torch.equal(sp.mask, mask)  # recorded for the decay
+    expected = _grad_wrt_masked(layer, x, dense * mask)
+    torch.testing.assert_close(w.grad, expected)  # straight-through: pruned weights get dL/dW~ too
+    add_decay_(w.grad, w, sp.mask, decay)
+    torch.testing.assert_close(w.grad, expected + decay * (~mask) * dense)
+    if decay == 0.0:  # STE: exactly the straight-through gradient
+        assert torch.equal(w.grad, expected)
+
+
+def test_decay_term_only_on_pruned():
+    w = torch.tensor([[1.0, -2.0, 3.0, -4.0]])
+    mask = nm_mask(w, 2, 4)
+    torch.testing.assert_close(decay_term(w, mask, 0.1), torch.tensor([[0.1, -0.2, 0.0, 0.0]]))
+
+
+def test_ste_saves_nothing_for_backward():
+    w = torch.randn(8, 8, requires_grad=True)
+    mask = nm_mask(w, 2, 4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ste_mask(w, mask)
+    assert saved == []
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_fixed_mask_blocks_gradient():
+    w = torch.randn(4, 8, requires_grad=True)
+    mask = nm_mask(w, 1, 4)
+    fixed_mask(w, mask).sum().backward()
+    assert torch.equal(w.grad, mask.float())
+
+
+def test_freeze_zeroes_pruned_and_keeps_mask():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 4)
+    sp = attach(layer, plan_layers(layer, 1, 4))["weight"].sparsity
+    w = layer.parametrizations.weight.original
+    mask = nm_mask(w, 1, 4)
+    sp.freeze(w)
+    assert sp.frozen and torch.equal(sp.mask, mask)
+    assert bool((w[~mask] == 0).all()) and bool((w[mask] != 0).all())
+    # training moves kept weights; the mask no longer follows magnitudes and pruned weights get no gradient
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(16, 8)).pow(2).sum().backward()
+        assert bool((w.grad[~mask] == 0).all())
+        opt.step()
+    assert bool((w[~mask] == 0).all())
+    assert torch.equal(sp.mask, mask)
+
+
+def test_mask_recomputed_every_training_forward():
+    layer = nn.Linear(4, 1, bias=False)
+    sp = attach(layer, plan_layers(layer, 2, 4))["weight"].sparsity
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.tensor([[4.0, 3.0, 2.0, 1.0]]))
+    layer(torch.ones(1, 4))
+    assert sp.mask.tolist() == [[True, True, False, False]]
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    out = layer(torch.ones(1, 4))
+    assert sp.mask.tolist() == [[False, False, True, True]] and out.item() == 7.0
+
+
+def test_bf16_autocast_forward_backward():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    attach(layer, plan_layers(layer, 2, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.randn(4, 16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    w = layer.parametrizations.weight.original
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    eff = layer.weight
+    assert bool((eff.view(8, 4, 4).ne(0).sum(-1) <= 2).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights(dtype):
+    layer = nn.Linear(16, 8).to(dtype)
+    attach(layer, plan_layers(layer, 2, 4))
+    eff = layer.weight
+    assert eff.dtype == dtype and bool((eff.view(8, 4, 4).ne(0).sum(-1) == 2).all())
+
+
+def test_decay_not_scaled_by_loss_scale():
+    """The decay is added to the *unscaled* gradient: the same result with and without a loss scale."""
+    torch.manual_seed(0)
+    grads = []
+    for scale in (1.0, 1024.0):
+        layer = nn.Linear(8, 4, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.arange(32.0).view(4, 8) / 10)
+        sp = attach(layer, plan_layers(layer, 2, 4))["weight"].sparsity
+        x = torch.ones(2, 8)
+        (layer(x).sum() * scale).backward()
+        w = layer.parametrizations.weight.original
+        w.grad.div_(scale)  # what GradScaler.unscale_ does before on_before_optimizer_step
+        add_decay_(w.grad, w, sp.mask, 0.1)
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
