@@ -7,7 +7,7 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyNet, trainer_kwargs
+from conftest import TinyNet, make_data, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -18,7 +18,8 @@ from nm_lightning import SRSTECallback, nm_mask, sparse_layers
 
 def _fit(tmp_path, callbacks, max_epochs=2, model=None, ckpt_path=None, **kw):
     pl.seed_everything(0, workers=True)
-    model = model or TinyNet(batch_size=kw.pop("batch_size", 16))
+    if model is None or isinstance(model, type):  # build after seeding: same init in every run
+        model = (model or TinyNet)(batch_size=kw.pop("batch_size", 16))
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **kw))
     trainer.fit(model, ckpt_path=ckpt_path)
     return trainer, model
@@ -226,3 +227,26 @@ def test_two_callbacks_cover_disjoint_layers(tmp_path):
     _, model = _fit(tmp_path, [a, b], max_epochs=1)
     assert set(a.layers) == {"conv1", "conv2"} and set(b.layers) == {"fc1", "fc2"}
     assert bool((_group_counts(model.fc1.weight, 4) <= 1).all())
+
+
+class SameBatchNet(TinyNet):
+    """Every batch is the same, so a mid-epoch resume does not depend on how the data loop fast-forwards."""
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        x, y = make_data(16)[:]
+        return DataLoader(TensorDataset(x.repeat(4, 1, 1), y.repeat(4)), batch_size=16)
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path):
+    """A checkpoint taken in the middle of an epoch (step 6 of 4-step epochs) resumes exactly."""
+    factory = lambda: SRSTECallback(2, 4, decay=0.01)  # noqa: E731
+    _, full = _fit(tmp_path / "full", [factory()], max_epochs=3, model=SameBatchNet)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "part", save_top_k=-1, every_n_train_steps=6)
+    _fit(tmp_path / "part", [factory(), ckpt], max_epochs=2, enable_checkpointing=True, model=SameBatchNet)
+    path = tmp_path / "part" / "epoch=1-step=6.ckpt"
+    trainer, resumed = _fit(tmp_path / "resumed", [factory()], max_epochs=3, ckpt_path=path, model=SameBatchNet)
+    assert trainer.global_step == 12
+    for name, layer in sparse_layers(full).items():
+        assert torch.equal(layer.original, sparse_layers(resumed)[name].original), name
