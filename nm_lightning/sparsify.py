@@ -22,6 +22,7 @@ import fnmatch
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "sparse_layers",
     "split_state_dict",
     "plain_state_dict",
+    "load_plain_weights",
     "resolve_type",
 ]
 
@@ -58,15 +60,20 @@ class NMSparsity(nn.Module):
     pruned weights are zero and receive no gradient.
     """
 
-    def __init__(self, shape: Sequence[int], n: int, m: int, layout: Layout = "input_channel") -> None:
+    def __init__(
+        self, shape: Sequence[int], n: int, m: int, layout: Layout = "input_channel", straight_through: bool = True
+    ) -> None:
         super().__init__()
         self.n, self.m, self.layout = validate_nm(n, m, layout)
         self.frozen = False
+        # False: pruned weights get no gradient even with a dynamic mask (the DominoSearch search rule)
+        self.straight_through = straight_through
         self.register_buffer("mask", torch.ones(tuple(shape), dtype=torch.bool))
         self.mask: torch.Tensor
 
     def extra_repr(self) -> str:
-        return f"{self.n}:{self.m}, layout={self.layout!r}, frozen={self.frozen}"
+        ste = self.straight_through
+        return f"{self.n}:{self.m}, layout={self.layout!r}, frozen={self.frozen}, straight_through={ste}"
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The N:M mask of ``weight`` (ignores the stored mask)."""
@@ -83,7 +90,7 @@ class NMSparsity(nn.Module):
         if self.training:
             # recorded for the SR-STE decay term and the flip-rate metrics of this step
             self.mask.copy_(mask)
-        return ste_mask(weight, mask)
+        return ste_mask(weight, mask) if self.straight_through else fixed_mask(weight, mask)
 
     @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> torch.Tensor:
@@ -109,13 +116,21 @@ class NMSparsity(nn.Module):
         self.n, self.m = n, m
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {_EXTRA_KEY: 1, "n": self.n, "m": self.m, "layout": self.layout, "frozen": self.frozen}
+        return {
+            _EXTRA_KEY: 1,
+            "n": self.n,
+            "m": self.m,
+            "layout": self.layout,
+            "frozen": self.frozen,
+            "straight_through": self.straight_through,
+        }
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or state.get(_EXTRA_KEY) != 1:
             raise ValueError(f"not an nm_lightning N:M state: {state!r}")
         self.n, self.m, self.layout = validate_nm(state["n"], state["m"], state["layout"])
         self.frozen = bool(state["frozen"])
+        self.straight_through = bool(state.get("straight_through", True))
 
     def accept_plain(self, state_dict: dict[str, Any], module_prefix: str, param_name: str) -> None:
         """Let a plain (never sparsified) state dict load into the sparsified module.
@@ -350,11 +365,16 @@ def _decide(
 
 
 def attach(
-    model: nn.Module, plans: Iterable[LayerPlan], layout: Layout = "input_channel", owner: str | None = None
+    model: nn.Module,
+    plans: Iterable[LayerPlan],
+    layout: Layout = "input_channel",
+    owner: str | None = None,
+    straight_through: bool = True,
 ) -> dict[str, SparseLayer]:
     """Parametrize every covered layer of ``plans`` (idempotent: an attached layer is reused).
 
-    Returns the attached layers by name. The Parameters are not replaced.
+    Returns the attached layers by name. The Parameters are not replaced. ``straight_through=False``
+    gives pruned weights no gradient while the mask is dynamic.
     """
     layers: dict[str, SparseLayer] = {}
     for plan in plans:
@@ -365,7 +385,7 @@ def attach(
         if sp is None:
             weight = _get_param(module, plan.param_name)
             assert weight is not None
-            sp = NMSparsity(weight.shape, plan.n, plan.m, layout).to(weight.device)
+            sp = NMSparsity(weight.shape, plan.n, plan.m, layout, straight_through).to(weight.device)
             parametrize.register_parametrization(module, plan.param_name, sp, unsafe=True)
             prefix_param = plan.param_name
 
@@ -442,6 +462,22 @@ def split_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dic
         if key not in nm_entries:
             plain.setdefault(key, value)
     return plain, nm_entries
+
+
+def load_plain_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a plain state dict file (``torch.save`` of a plain model's ``state_dict``) with ``strict=True``.
+
+    Loaded with ``weights_only=True``: nothing in the file is executed.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]  # a Lightning checkpoint
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"{path}: does not match the model: {err}") from None
 
 
 def plain_state_dict(model_or_state_dict: nn.Module | Mapping[str, Any]) -> dict[str, Any]:

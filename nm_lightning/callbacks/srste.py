@@ -8,24 +8,20 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_info
 
+from nm_lightning.callbacks.base import NMCallback
 from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import MaskFlipRate, mask_flips, nonzero_count
-from nm_lightning.report import coverage, print_layer_table
+from nm_lightning.report import coverage
 from nm_lightning.scheme import NMScheme
-from nm_lightning.sparsify import LayerPlan, SparseLayer, attach, plan_layers, split_state_dict
+from nm_lightning.sparsify import load_plain_weights
 from nm_lightning.srste import add_decay_
 
 __all__ = ["SRSTECallback"]
 
-CHECKPOINT_KEY = "nm_lightning"
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
-
-class SRSTECallback(Callback):
+class SRSTECallback(NMCallback):
     """Train N:M sparse weights with SR-STE (Zhou et al., ICLR 2021); no change to the model code.
 
     In ``setup`` every selected Linear/Conv1d/2d/3d/MultiheadAttention weight gets an N:M
@@ -60,6 +56,8 @@ class SRSTECallback(Callback):
         log_layers: also log per-layer metrics (``nm/layer/<name>/...``).
         verbose: print the coverage table at fit start.
         name: distinguishes several SRSTECallbacks on one Trainer (part of the checkpoint state key).
+        init_weights: a plain state dict file (e.g. the dense weights a DominoSearch started from) loaded
+            into the model with ``strict=True`` before sparsifying, at the start of ``fit``.
     """
 
     def __init__(
@@ -79,6 +77,7 @@ class SRSTECallback(Callback):
         log_layers: bool = True,
         verbose: bool = True,
         name: str | None = None,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.n, self.m, self.layout = validate_nm(n, m, layout)
@@ -101,22 +100,15 @@ class SRSTECallback(Callback):
         self.log_layers = log_layers
         self.verbose = verbose
         self.name = name
-        self.plans: list[LayerPlan] = []
-        self.layers: dict[str, SparseLayer] = {}
+        self.init_weights = init_weights
         self._first_masks: dict[str, torch.Tensor] | None = None
         self._prev_masks: dict[str, torch.Tensor] | None = None
         self._last_step = -1
-        self._model_params = 0
-        self._table_shown = False
 
     # ------------------------------------------------------------------ identity and state
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name, include=self.include, exclude=self.exclude)
-
-    @property
-    def owner(self) -> str:
-        return self.state_key
 
     @staticmethod
     def _load_scheme(scheme: Mapping[str, Any] | str | Path | None) -> NMScheme | None:
@@ -146,45 +138,16 @@ class SRSTECallback(Callback):
 
     # ------------------------------------------------------------------ attach
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED:
-            raise MisconfigurationException(
-                f"SRSTECallback does not support {strategy} yet (sharded parameters hide whole N:M groups); "
-                "use 'ddp', 'ddp_spawn' or a single device"
-            )
-        self.plans = plan_layers(
-            pl_module,
-            self.n,
-            self.m,
-            self.layout,
-            include=self.include,
-            exclude=self.exclude,
-            include_types=self.include_types,
-            exclude_types=self.exclude_types,
-            scheme=self.scheme,
-            owner=self.owner,
-        )
-        skipped = [p for p in self.plans if p.status == "skipped"]
-        if skipped and self.strict:
-            detail = "; ".join(f"{p.name}: {p.reason}" for p in skipped)
-            raise MisconfigurationException(f"SRSTECallback(strict=True): layers cannot be made N:M: {detail}")
-        self.layers = attach(pl_module, self.plans, self.layout, owner=self.owner)
-        if not self.layers:
-            raise MisconfigurationException(
-                "SRSTECallback found no layer to sparsify "
-                f"({len(skipped)} skipped, {sum(p.status == 'excluded' for p in self.plans)} excluded). "
-                "Layers built in `configure_model` do not exist yet when callbacks run `setup`; "
-                "build them in `__init__`, or check include/exclude/scheme."
-            )
+        if self.init_weights is not None and stage == "fit" and not self.layers:
+            load_plain_weights(pl_module, self.init_weights)
+        self.attach_layers(
+            trainer, pl_module, stage, n=self.n, m=self.m, layout=self.layout, include=self.include,
+            exclude=self.exclude, include_types=self.include_types, exclude_types=self.exclude_types,
+            scheme=self.scheme, strict=self.strict, verbose=self.verbose,
+            title=f"SR-STE {self.n}:{self.m} (λ={self.decay:g}, {self.mode} mask)",
+        )  # fmt: skip
         if self.mode == "fixed":
             self.freeze()
-        for p in skipped:
-            rank_zero_warn(f"SRSTECallback: {p.name} ({p.type_name} {p.shape}) stays dense: {p.reason}")
-        self._model_params = sum(p.numel() for p in pl_module.parameters())
-        if stage == "fit" and self.verbose and not self._table_shown:
-            self._table_shown = True
-            title = f"SR-STE {self.n}:{self.m} (λ={self.decay:g}, {self.mode} mask)"
-            rank_zero_only(print_layer_table)(self.plans, title, self._model_params)
 
     # ------------------------------------------------------------------ mask freeze
     def freeze(self, trainer: pl.Trainer | None = None) -> None:
@@ -277,46 +240,6 @@ class SRSTECallback(Callback):
         return out
 
     def _log(self, trainer: pl.Trainer) -> None:
-        if not trainer.is_global_zero:
-            return
-        values = self.metrics()
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+        if trainer.is_global_zero:
+            self.log_metrics(trainer, self.metrics())
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Store plain keys (loadable into the never-sparsified model) plus the exact N:M state aside."""
-        plain, nm_entries = split_state_dict(checkpoint["state_dict"])
-        checkpoint["state_dict"] = plain
-        entry = checkpoint.setdefault(CHECKPOINT_KEY, {"version": 1, "state": {}})
-        entry["state"].update(nm_entries)
-
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        entry = checkpoint.get(CHECKPOINT_KEY)
-        if entry is None:
-            rank_zero_warn(
-                "SRSTECallback: the checkpoint has no N:M state (a plain/dense checkpoint); "
-                "weights were loaded and masks recomputed from them"
-            )
-            return
-        if entry.get("version") != 1:
-            raise ValueError(f"unsupported nm_lightning checkpoint version {entry.get('version')!r}")
-        prefixes = {self._state_prefix(layer) for layer in self.layers.values()}
-        mine = {k: v for k, v in entry["state"].items() if any(k.startswith(p) for p in prefixes)}
-        result = pl_module.load_state_dict(mine, strict=False)
-        missing = [k for k in result.missing_keys if any(k.startswith(p) for p in prefixes)]
-        if missing:
-            layers = sorted({k.split(".parametrizations")[0] for k in missing})
-            raise RuntimeError(
-                f"SRSTECallback: the checkpoint lacks N:M state for {layers}; "
-                "was it written with the same layers sparsified?"
-            )
-
-    @staticmethod
-    def _state_prefix(layer: SparseLayer) -> str:
-        head = f"{layer.module_name}." if layer.module_name else ""
-        return f"{head}parametrizations.{layer.param_name}."

@@ -1,0 +1,134 @@
+"""What every N:M callback shares: attaching in ``setup``, plain-key checkpoints, exact resume, logging."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from nm_lightning.masks import Layout
+from nm_lightning.report import print_layer_table
+from nm_lightning.sparsify import LayerPlan, SparseLayer, attach, plan_layers, split_state_dict
+
+__all__ = ["CHECKPOINT_KEY", "NMCallback"]
+
+CHECKPOINT_KEY = "nm_lightning"
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class NMCallback(Callback):
+    """Base of the N:M callbacks. Subclasses call :meth:`attach_layers` from ``setup``."""
+
+    plans: list[LayerPlan]
+    layers: dict[str, SparseLayer]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans = []
+        self.layers = {}
+        self._model_params = 0
+        self._table_shown = False
+
+    @property
+    def owner(self) -> str:
+        return self.state_key
+
+    def attach_layers(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        stage: str,
+        *,
+        n: int,
+        m: int,
+        layout: Layout,
+        include: list[str] | None,
+        exclude: list[str] | None,
+        include_types: list[str] | None,
+        exclude_types: list[str] | None,
+        scheme: Mapping[str, tuple[int, int]] | None = None,
+        strict: bool = False,
+        straight_through: bool = True,
+        title: str = "N:M sparsity",
+        verbose: bool = True,
+    ) -> None:
+        """Plan and attach N:M to ``pl_module`` (idempotent across stages), report what was skipped and why."""
+        name = type(self).__name__
+        strategy = type(trainer.strategy).__name__
+        if strategy in _SHARDED:
+            raise MisconfigurationException(
+                f"{name} does not support {strategy} yet (sharded parameters hide whole N:M groups); "
+                "use 'ddp', 'ddp_spawn' or a single device"
+            )
+        self.plans = plan_layers(
+            pl_module, n, m, layout, include=include, exclude=exclude, include_types=include_types,
+            exclude_types=exclude_types, scheme=scheme, owner=self.owner,
+        )  # fmt: skip
+        skipped = [p for p in self.plans if p.status == "skipped"]
+        if skipped and strict:
+            detail = "; ".join(f"{p.name}: {p.reason}" for p in skipped)
+            raise MisconfigurationException(f"{name}(strict=True): layers cannot be made N:M: {detail}")
+        self.layers = attach(pl_module, self.plans, layout, owner=self.owner, straight_through=straight_through)
+        if not self.layers:
+            raise MisconfigurationException(
+                f"{name} found no layer to sparsify "
+                f"({len(skipped)} skipped, {sum(p.status == 'excluded' for p in self.plans)} excluded). "
+                "Layers built in `configure_model` do not exist yet when callbacks run `setup`; "
+                "build them in `__init__`, or check include/exclude/scheme."
+            )
+        for p in skipped:
+            rank_zero_warn(f"{name}: {p.name} ({p.type_name} {p.shape}) stays dense: {p.reason}")
+        self._model_params = sum(p.numel() for p in pl_module.parameters())
+        if stage == "fit" and verbose and not self._table_shown:
+            self._table_shown = True
+            rank_zero_only(print_layer_table)(self.plans, title, self._model_params)
+
+    @staticmethod
+    def log_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+        """Straight to the Trainer's loggers (allowed in every hook, unlike ``pl_module.log``)."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(dict(values), step=trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Keep the plain model's keys (masked weights) in ``state_dict``; the exact N:M state goes aside."""
+        plain, nm_entries = split_state_dict(checkpoint["state_dict"])
+        checkpoint["state_dict"] = plain
+        entry = checkpoint.setdefault(CHECKPOINT_KEY, {"version": 1, "state": {}})
+        entry["state"].update(nm_entries)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Restore dense weights, masks and per-layer N:M of this callback's layers exactly."""
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        name = type(self).__name__
+        if entry is None:
+            rank_zero_warn(
+                f"{name}: the checkpoint has no N:M state (a plain/dense checkpoint); "
+                "weights were loaded and masks recomputed from them"
+            )
+            return
+        if entry.get("version") != 1:
+            raise ValueError(f"unsupported nm_lightning checkpoint version {entry.get('version')!r}")
+        prefixes = tuple(_state_prefix(layer) for layer in self.layers.values())
+        mine = {k: v for k, v in entry["state"].items() if k.startswith(prefixes)}
+        result = pl_module.load_state_dict(mine, strict=False)
+        missing = [k for k in result.missing_keys if k.startswith(prefixes)]
+        if missing:
+            layers = sorted({k.split(".parametrizations")[0] for k in missing})
+            raise RuntimeError(
+                f"{name}: the checkpoint lacks N:M state for {layers}; was it written with the same layers sparsified?"
+            )
+
+
+def _state_prefix(layer: SparseLayer) -> str:
+    head = f"{layer.module_name}." if layer.module_name else ""
+    return f"{head}parametrizations.{layer.param_name}."
