@@ -4,13 +4,15 @@ Public API: :func:`nm_mask` (mask math), :class:`SRSTECallback` (training), :cla
 (per-layer schemes), and the module-level helpers in :mod:`nm_lightning.sparsify`.
 """
 
-from nm_lightning.callbacks import SRSTECallback
+from nm_lightning.accounting import scheme_stats
+from nm_lightning.callbacks import DominoSearchCallback, SRSTECallback
 from nm_lightning.masks import check_nm, nm_mask
 from nm_lightning.metrics import MaskFlipRate
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import attach, detach, plain_state_dict, plan_layers, sparse_layers, split_state_dict
 
 __all__ = [
+    "DominoSearchCallback",
     "MaskFlipRate",
     "NMScheme",
     "SRSTECallback",
@@ -20,6 +22,7 @@ __all__ = [
     "nm_mask",
     "plain_state_dict",
     "plan_layers",
+    "scheme_stats",
     "sparse_layers",
     "split_state_dict",
 ]

@@ -1,15 +1,17 @@
-"""Rich tables shared by the callbacks: what got sparsified, what did not, and why."""
+"""Rich tables and matplotlib figures shared by the callbacks."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from nm_lightning.search.domino import DominoSearch
 from nm_lightning.sparsify import LayerPlan
 
-__all__ = ["layer_table", "print_layer_table", "coverage"]
+__all__ = ["layer_table", "print_layer_table", "coverage", "print_scheme_table", "save_scheme_figure"]
 
 _STYLE = {"covered": "green", "skipped": "yellow", "excluded": "dim"}
 
@@ -61,7 +63,60 @@ def layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_p
 
 
 def print_layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_params: int | None = None) -> None:
+    _console().print(layer_table(plans, title, total_params))
+
+
+def _console() -> Console:
     console = Console()
     if not console.is_terminal:  # logs and CI: do not squeeze the reasons into 80 columns
         console = Console(width=max(console.width, 160))
-    console.print(layer_table(plans, title, total_params))
+    return console
+
+
+def print_scheme_table(search: DominoSearch, title: str) -> None:
+    """Per-layer N:M of a search with parameters and MACs before/after, plus the totals."""
+    table = Table(title=title)
+    for col in ("layer", "n:m", "params", "kept", "MACs", "MACs kept", "η"):
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    for name, layer in search.layers.items():
+        density = layer.n_committed / layer.m
+        table.add_row(
+            name, f"{layer.n_committed}:{layer.m}", f"{layer.params:,}", f"{int(layer.params * density):,}",
+            f"{layer.macs:,.0f}", f"{layer.macs * density:,.0f}", f"{layer.eta:.3f}",
+        )  # fmt: skip
+    table.caption = (
+        f"sparsity {search.sparsity():.2%}, FLOPs reduction {search.flops_reduction():.2%} "
+        f"(target {search.target} on {'size' if search.target_sparsity is not None else 'FLOPs'})"
+    )
+    _console().print(table)
+
+
+def save_scheme_figure(search: DominoSearch, path: str | Path) -> Path:
+    """Bar charts of per-layer N, parameters and MACs before/after the scheme, saved as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(search.layers)
+    x = range(len(names))
+    layers = list(search.layers.values())
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.35 * len(names) + 2), 8), sharex=True)
+    axes[0].bar(x, [v.n_committed for v in layers], color="tab:blue")
+    axes[0].set_ylabel("N (of M)")
+    result = f"sparsity {search.sparsity():.1%}, FLOPs reduction {search.flops_reduction():.1%}"
+    axes[0].set_title(f"DominoSearch: {result}")
+    for ax, attr, label in ((axes[1], "params", "parameters"), (axes[2], "macs", "MACs / sample")):
+        dense = [getattr(v, attr) for v in layers]
+        kept = [getattr(v, attr) * v.n_committed / v.m for v in layers]
+        ax.bar([i - 0.2 for i in x], dense, width=0.4, label="dense", color="lightgray")
+        ax.bar([i + 0.2 for i in x], kept, width=0.4, label="N:M", color="tab:orange")
+        ax.set_ylabel(label)
+        ax.legend()
+    axes[2].set_xticks(list(x))
+    axes[2].set_xticklabels(names, rotation=90, fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

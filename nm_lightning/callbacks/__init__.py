@@ -1,5 +1,6 @@
 """Lightning callbacks: thin shells that decide *when* the pure cores run."""
 
+from nm_lightning.callbacks.domino import DominoSearchCallback
 from nm_lightning.callbacks.srste import SRSTECallback
 
-__all__ = ["SRSTECallback"]
+__all__ = ["DominoSearchCallback", "SRSTECallback"]

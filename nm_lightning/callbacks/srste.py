@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +48,8 @@ class SRSTECallback(NMCallback):
         exclude: name globs of layers to leave dense.
         include_types: layer types to cover (default Linear, Conv1d/2d/3d, MultiheadAttention).
         exclude_types: layer types to leave dense.
-        scheme: per-layer ``{name: [n, m]}`` (or a JSON/YAML path); then only these layers are covered.
+        scheme: per-layer ``{name: [n, m]}``, or a scheme file (JSON, YAML or DominoSearch text, e.g. the
+            output of :class:`DominoSearchCallback`); then only these layers are covered.
         mode: ``"dynamic"`` (mask recomputed every step) or ``"fixed"`` (mask computed once at setup).
         freeze_at_step: optimizer step at which the dynamic mask becomes fixed.
         strict: raise instead of reporting when a selected layer cannot be made N:M.
@@ -93,7 +93,10 @@ class SRSTECallback(NMCallback):
         self.include, self.exclude = include, exclude
         self.include_types, self.exclude_types = include_types, exclude_types
         self.scheme_arg = scheme
-        self.scheme = self._load_scheme(scheme)
+        if isinstance(scheme, (str, Path)) and not Path(scheme).is_file():
+            raise FileNotFoundError(f"SRSTECallback scheme file not found: {scheme}")
+        # a file is read in setup: the DominoSearch format needs the model to map its names
+        self.scheme = None if scheme is None or isinstance(scheme, (str, Path)) else NMScheme(scheme)
         self.mode = mode
         self.freeze_at_step = freeze_at_step
         self.strict = strict
@@ -109,14 +112,6 @@ class SRSTECallback(NMCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name, include=self.include, exclude=self.exclude)
-
-    @staticmethod
-    def _load_scheme(scheme: Mapping[str, Any] | str | Path | None) -> NMScheme | None:
-        if scheme is None:
-            return None
-        if isinstance(scheme, (str, Path)):
-            return NMScheme.load(scheme)
-        return scheme if isinstance(scheme, NMScheme) else NMScheme(scheme)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +135,8 @@ class SRSTECallback(NMCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.init_weights is not None and stage == "fit" and not self.layers:
             load_plain_weights(pl_module, self.init_weights)
+        if isinstance(self.scheme_arg, (str, Path)) and self.scheme is None:
+            self.scheme = NMScheme.load(self.scheme_arg, model=pl_module)
         self.attach_layers(
             trainer, pl_module, stage, n=self.n, m=self.m, layout=self.layout, include=self.include,
             exclude=self.exclude, include_types=self.include_types, exclude_types=self.exclude_types,
