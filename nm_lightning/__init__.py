@@ -5,7 +5,7 @@ Public API: :func:`nm_mask` (mask math), :class:`SRSTECallback` (training), :cla
 """
 
 from nm_lightning.accounting import scheme_stats
-from nm_lightning.callbacks import DominoSearchCallback, SRSTECallback
+from nm_lightning.callbacks import DominoSearchCallback, SparsityScheduler, SRSTECallback
 from nm_lightning.masks import check_nm, nm_mask
 from nm_lightning.metrics import MaskFlipRate
 from nm_lightning.scheme import NMScheme
@@ -16,6 +16,7 @@ __all__ = [
     "MaskFlipRate",
     "NMScheme",
     "SRSTECallback",
+    "SparsityScheduler",
     "attach",
     "check_nm",
     "detach",

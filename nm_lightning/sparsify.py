@@ -40,6 +40,7 @@ __all__ = [
     "plan_layers",
     "attach",
     "detach",
+    "freeze_layers",
     "sparse_layers",
     "split_state_dict",
     "plain_state_dict",
@@ -417,6 +418,19 @@ def sparse_layers(model: nn.Module, owner: str | None = None) -> dict[str, Spars
             name = _layer_name(module_name, param_name)
             found[name] = SparseLayer(name, module_name, module, param_name, sp, getattr(sp, "owner", None))
     return found
+
+
+def freeze_layers(layers: Iterable[SparseLayer], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Fix each layer's current mask, zero its pruned weights and their optimizer state (momentum, Adam
+    moments), so that nothing revives them: the weights that end training are the ones exported."""
+    for layer in layers:
+        if layer.sparsity.frozen:
+            continue
+        mask = layer.sparsity.freeze(layer.original)
+        for opt in optimizers:
+            for value in opt.state.get(layer.original, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                    value.masked_fill_(~mask, 0)
 
 
 def detach(model: nn.Module, owner: str | None = None) -> list[str]:

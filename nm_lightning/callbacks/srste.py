@@ -14,7 +14,7 @@ from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import MaskFlipRate, mask_flips, nonzero_count
 from nm_lightning.report import coverage
 from nm_lightning.scheme import NMScheme
-from nm_lightning.sparsify import load_plain_weights
+from nm_lightning.sparsify import freeze_layers, load_plain_weights
 from nm_lightning.srste import add_decay_
 
 __all__ = ["SRSTECallback"]
@@ -153,14 +153,7 @@ class SRSTECallback(NMCallback):
         Optimizer state of pruned entries (momentum, Adam moments) is zeroed too, so nothing revives
         them; pass the ``trainer`` when its optimizers already exist.
         """
-        for layer in self.layers.values():
-            if layer.sparsity.frozen:
-                continue
-            mask = layer.sparsity.freeze(layer.original)
-            for opt in trainer.optimizers if trainer is not None else []:
-                for value in opt.state.get(layer.original, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        value.masked_fill_(~mask, 0)
+        freeze_layers(self.layers.values(), trainer.optimizers if trainer is not None else ())
         rank_zero_info(f"SRSTECallback: masks of {len(self.layers)} layers are now fixed")
 
     @property
