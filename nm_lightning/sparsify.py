@@ -372,7 +372,8 @@ def attach(
     owner: str | None = None,
     straight_through: bool = True,
 ) -> dict[str, SparseLayer]:
-    """Parametrize every covered layer of ``plans`` (idempotent: an attached layer is reused).
+    """Parametrize every covered layer of ``plans`` (idempotent: an attached layer is reused as it is,
+    with its current N, mask and mode, e.g. when ``setup`` runs again for ``trainer.test``).
 
     Returns the attached layers by name. The Parameters are not replaced. ``straight_through=False``
     gives pruned weights no gradient while the mask is dynamic.
@@ -398,8 +399,6 @@ def attach(
                     found.accept_plain(state_dict, prefix, _p)
 
             module.register_load_state_dict_pre_hook(_hook)
-        elif (sp.n, sp.m) != (plan.n, plan.m) and not sp.frozen:
-            sp.set_nm(plan.n, plan.m)
         sp.owner = owner  # type: ignore[assignment]
         layers[plan.name] = SparseLayer(plan.name, plan.module_name, module, plan.param_name, sp, owner)
     return layers
