@@ -1,0 +1,1 @@
+"""Hydra configs of ``nm-train`` (package data; add ``pkg://nm_lightning.conf`` to your Hydra search path)."""

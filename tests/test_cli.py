@@ -1,0 +1,77 @@
+"""nm-lightning (LightningCLI): the YAML example and the command-line forms parse; a tiny fit runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nm_lightning import SRSTECallback
+from nm_lightning.cli import main
+from nm_lightning.data import MNIST1DDataModule
+from nm_lightning.models import CNN1D, Classifier, TransformerClassifier
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cli_srste.yaml"
+
+
+def _srste(cli) -> SRSTECallback:
+    found = [c for c in cli.trainer.callbacks if isinstance(c, SRSTECallback)]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_yaml_example_parses(tmp_path):
+    cli = main(["--config", str(EXAMPLE), f"--data.data_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"],
+               run=False)
+    cb = _srste(cli)
+    assert (cb.n, cb.m, cb.decay) == (2, 4, 2e-4)
+    assert isinstance(cli.model, Classifier) and isinstance(cli.model.net, CNN1D)
+    assert isinstance(cli.datamodule, MNIST1DDataModule) and cli.datamodule.batch_size == 128
+    assert cli.trainer.max_epochs == 20 and cli.trainer.checkpoint_callback.monitor == "val/acc"
+
+
+def test_command_line_forms(tmp_path):
+    cli = main([
+        "--model", "nm_lightning.models.Classifier", "--model.lr", "0.05",
+        "--model.net", "TransformerClassifier", "--model.net.dim", "32", "--model.net.heads", "2",
+        "--data", "nm_lightning.data.MNIST1DDataModule", f"--data.data_dir={tmp_path}", "--data.batch_size=64",
+        "--trainer.callbacks+=nm_lightning.SRSTECallback", "--trainer.callbacks.n=1", "--trainer.callbacks.m=8",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+    ], run=False)
+    cb = _srste(cli)
+    assert (cb.n, cb.m) == (1, 8)
+    assert isinstance(cli.model.net, TransformerClassifier) and cli.model.hparams.lr == 0.05
+    assert cli.datamodule.batch_size == 64
+    # short class names resolve because nm_lightning is imported; defaults are Classifier + MNIST-1D
+    cli = main(["--trainer.callbacks+=SRSTECallback", "--trainer.callbacks.n=2", f"--data.data_dir={tmp_path}",
+                f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert _srste(cli).n == 2 and isinstance(cli.model, Classifier) and isinstance(cli.datamodule, MNIST1DDataModule)
+
+
+def test_bad_values_are_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--trainer.callbacks+=SRSTECallback", "--trainer.callbacks.n=two"], run=False)
+    assert "n" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model.optimizer=adam"], run=False)
+
+
+def test_fit_subcommand_runs(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["fit", "--config", str(EXAMPLE), f"--data.data_dir={tmp_path / 'data'}", "--data.num_samples=200",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.callbacks.init_args.verbose=false"])
+    finally:
+        torch.set_num_threads(before)
+    (saved,) = tmp_path.glob("lightning_logs/version_*/config.yaml")
+    cfg = yaml.safe_load(saved.read_text())
+    assert cfg["trainer"]["callbacks"][0]["class_path"] == "nm_lightning.SRSTECallback"
+    (ckpt,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    w = state["net.classifier.1.weight"]
+    assert float((w == 0).float().mean()) == pytest.approx(0.5)

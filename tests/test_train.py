@@ -1,0 +1,156 @@
+"""nm-train end to end on tiny settings: fit, test, checkpoint, export, multirun, installed wheel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from nm_lightning.masks import nm_mask
+from nm_lightning.models import cnn1d
+from nm_lightning.scheme import NMScheme
+from nm_lightning.train import CONFIG_DIR, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.num_samples=300", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "trainer.num_sanity_val_steps=0", "threads=1"]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3")
+
+    def _compose(*overrides: str):
+        cfg = compose("train", overrides=[*TINY, *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(tmp_path / "data")
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_train_srste_end_to_end(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg("sparsity.n=1", "sparsity.m=4")
+    metrics = run(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and "val/acc" in metrics
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    assert list((out / "csv").glob("version_*/metrics.csv"))
+    # the export loads strictly into the never-sparsified network, with weights_only=True
+    state = torch.load(out / "export" / "model_dense_with_zeros.pt", weights_only=True)
+    net = cnn1d()
+    net.load_state_dict(state, strict=True)
+    scheme = json.loads((out / "export" / "scheme.json").read_text())
+    assert set(scheme) == {"net.features.3", "net.features.6", "net.classifier.1", "net.classifier.4"}
+    for name, entry in scheme.items():
+        w = state[entry["weight_key"]]
+        assert (entry["n"], entry["m"]) == (1, 4) and entry["nm_ok"]
+        assert entry["sparsity"] == pytest.approx(0.75) and entry["nonzero"] == int((w != 0).sum())
+        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)), name  # at most 1 nonzero per group of 4
+    assert dict(NMScheme.load(out / "export" / "scheme.json")) == {k: (1, 4) for k in scheme}
+    summary = json.loads((out / "export" / "summary.json").read_text())
+    assert summary["all_layers_nm_ok"] and summary["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
+    printed = capsys.readouterr().out
+    assert "N:M sparse model" in printed and "1:4" in printed and "test/acc" in printed
+    # the exported network reproduces the sparse model's test accuracy
+    from nm_lightning.data import MNIST1DDataModule
+
+    dm = MNIST1DDataModule(data_dir=str(tmp_path / "data"), num_samples=300, batch_size=32)
+    dm.setup("test")
+    net.eval()
+    with torch.no_grad():
+        correct = sum(int((net(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
+    assert correct / len(dm.test_set) == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_train_dense(tiny_cfg, tmp_path):
+    metrics = run(tiny_cfg("sparsity=none", "logger=none", "test_ckpt=null"))
+    assert "test/acc" in metrics
+    assert json.loads((tmp_path / "run" / "export" / "scheme.json").read_text()) == {}
+    state = torch.load(tmp_path / "run" / "export" / "model_dense_with_zeros.pt", weights_only=True)
+    cnn1d().load_state_dict(state, strict=True)
+
+
+def test_train_bad_threads(tiny_cfg):
+    with pytest.raises(ValueError, match="threads must be"):
+        run(tiny_cfg("threads=0"))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", NM_LIGHTNING_DATA_DIR="", **extra)
+    return env
+
+
+def test_multirun_cli(tmp_path):
+    """`nm-train -m sparsity.n=1,2 sparsity.m=4` launches two jobs with their own exports."""
+    cmd = [sys.executable, "-m", "nm_lightning.train", "-m", "sparsity.n=1,2", "sparsity.m=4", *TINY,
+           "trainer.max_epochs=1", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+           "logger=csv"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    schemes = sorted((tmp_path / "logs" / "train" / "multiruns").glob("*/*/export/scheme.json"))
+    assert len(schemes) == 2
+    ns = sorted({v["n"] for s in schemes for v in json.loads(s.read_text()).values()})
+    assert ns == [1, 2]
+    assert all(s.parent.parent.joinpath("checkpoints", "last.ckpt").exists() for s in schemes)
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs(tmp_path):
+    """Build the wheel, install it into a fresh venv (reusing this environment's dependencies) and run it."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(wheels)], check=True, timeout=120, capture_output=True)
+    (wheel,) = wheels.glob("nm_lightning-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # dependencies come from the current environment (a plain path entry: its editable finder is not loaded)
+    Path(site, "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, timeout=120, capture_output=True)
+    check = (
+        "import nm_lightning, pathlib, sys;"
+        "from hydra import compose, initialize_config_module;"
+        "assert pathlib.Path(nm_lightning.__file__).is_relative_to(sys.prefix), nm_lightning.__file__;"
+        "initialize_config_module('nm_lightning.conf', version_base='1.3');"
+        "cfg = compose('train', overrides=['experiment=srste_1x4', 'data=image_folder', 'data.root=x']);"
+        "print(cfg.sparsity.n, cfg.sparsity.m, cfg.data._target_)"
+    )
+    proc = subprocess.run([str(py), "-c", check], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "4", "nm_lightning.data.ImageFolderDataModule"]
+    # the console script trains (fast_dev_run) from outside the checkout
+    proc = subprocess.run(
+        [str(env_dir / "bin" / "nm-train"), "debug=fdr", "data.num_samples=100", "threads=1",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "run" / "export" / "model_dense_with_zeros.pt").exists()
+    assert "N:M sparse model" in proc.stdout
