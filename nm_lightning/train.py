@@ -32,7 +32,9 @@ from torch import nn
 from nm_lightning.masks import nm_mask
 from nm_lightning.sparsify import plain_state_dict, sparse_layers
 
-__all__ = ["CONFIG_DIR", "ExportCallback", "main", "run", "instantiate_group", "export_model", "sparsity_rows"]
+__all__ = [
+    "CONFIG_DIR", "ExportCallback", "main", "run", "run_search", "instantiate_group", "export_model", "sparsity_rows",
+]  # fmt: skip
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -181,6 +183,39 @@ def print_report(scheme: Mapping[str, Mapping[str, Any]], total_params: int, met
         console.print(f"{label}: {path}")
 
 
+def run_search(cfg: DictConfig, datamodule: pl.LightningDataModule, out_dir: Path) -> tuple[Path, Path]:
+    """The DominoSearch phase of ``experiment=domino_then_finetune``: returns (scheme file, dense weights).
+
+    ``cfg.search``: ``pretrain_epochs`` of dense training with the normal recipe (0 = start from the model as
+    built, e.g. with pretrained weights), then a search fit with ``model`` overrides (the paper: constant lr
+    0.01, no momentum, no weight decay) and the ``callback`` (a ``DominoSearchCallback``) for at most
+    ``max_epochs``. The fine-tune then restarts from the dense weights the search started from.
+    """
+    search = cfg.search
+    search_dir = out_dir / "search"
+    model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
+    trainer_cfg = {"logger": False, "enable_checkpointing": False, "default_root_dir": str(search_dir)}
+    if search.get("pretrain_epochs", 0):
+        pre = hydra.utils.instantiate(cfg.trainer, max_epochs=search.pretrain_epochs, max_steps=-1, **trainer_cfg)
+        pre.fit(model, datamodule=datamodule)
+    search_model_cfg = OmegaConf.merge(cfg.model, search.get("model") or {})
+    search_model: pl.LightningModule = hydra.utils.instantiate(search_model_cfg)
+    search_model.load_state_dict(model.state_dict(), strict=True)
+    callback = hydra.utils.instantiate(search.callback, output=str(search_dir / "scheme.txt"))
+    from nm_lightning.callbacks.domino import DominoSearchCallback
+
+    if not isinstance(callback, DominoSearchCallback):
+        raise TypeError(f"nm-train: search.callback must be a DominoSearchCallback, got {type(callback).__name__}")
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, max_epochs=search.max_epochs, max_steps=-1, callbacks=[callback], **trainer_cfg
+    )
+    trainer.fit(search_model, datamodule=datamodule)
+    scheme_path = search_dir / "scheme.txt"  # written by the callback (also from a spawned worker)
+    if not scheme_path.exists():
+        raise RuntimeError(f"nm-train: the search wrote no scheme at {scheme_path}")
+    return scheme_path, scheme_path.with_suffix(".dense.pt")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train/test/export as configured; returns the final metrics (``test/acc``, ``val/acc``, ...)."""
     start = time.perf_counter()
@@ -192,6 +227,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("search"):
+        scheme_path, dense_path = run_search(cfg, datamodule, out_dir)
+        if not cfg.get("sparsity") or "_target_" not in cfg.sparsity:
+            raise ValueError("nm-train: a search needs `sparsity` to be one SRSTECallback to fine-tune with its scheme")
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        cfg.sparsity.scheme = str(scheme_path)
+        cfg.sparsity.init_weights = str(dense_path) if cfg.search.get("restart_from_dense", True) else None
     model: pl.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks: list[Callback] = instantiate_group(cfg.get("callbacks"), "callbacks")
     sparsity: list[Callback] = instantiate_group(cfg.get("sparsity"), "sparsity")
@@ -199,7 +243,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if not isinstance(cb, Callback):
             raise TypeError(f"nm-train: {type(cb).__name__} from the callbacks/sparsity config is not a Callback")
     loggers: list[Logger] = instantiate_group(cfg.get("logger"), "logger")
-    out_dir = Path(cfg.paths.output_dir)
     exporter = None
     if cfg.get("export", True):
         extra = {"model": cfg.model.get("_target_"), "net": OmegaConf.select(cfg, "model.net._target_"),

@@ -107,7 +107,8 @@ def test_trainer_configs(compose_cfg, tmp_path, option):
 def test_sparsity_configs(compose_cfg, option):
     cfg = compose_cfg(f"sparsity={option}")
     cbs = instantiate_group(cfg.sparsity, "sparsity")
-    assert [type(c).__name__ for c in cbs] == ([] if option == "none" else ["SRSTECallback"])
+    expected = {"none": [], "domino": ["DominoSearchCallback"], "srste_cubic": ["SRSTECallback", "SparsityScheduler"]}
+    assert [type(c).__name__ for c in cbs] == expected.get(option, ["SRSTECallback"])
 
 
 def test_sparsity_overrides(compose_cfg):
@@ -128,6 +129,15 @@ def test_srste_yaml_matches_callback_signature():
     assert keys == params
 
 
+def test_domino_and_scheduler_yaml_match_signatures():
+    from nm_lightning import DominoSearchCallback, SparsityScheduler
+
+    keys = set(yaml.safe_load((CONF / "sparsity" / "domino.yaml").read_text())) - {"_target_"}
+    assert keys == set(inspect.signature(DominoSearchCallback.__init__).parameters) - {"self"}
+    sched = yaml.safe_load((CONF / "sparsity" / "srste_cubic.yaml").read_text())["scheduler"]
+    assert set(sched) - {"_target_"} == set(inspect.signature(SparsityScheduler.__init__).parameters) - {"self"}
+
+
 @pytest.mark.parametrize("option", _options("experiment"))
 def test_experiments_compose(compose_cfg, option):
     cfg = compose_cfg(f"experiment={option}")
@@ -137,6 +147,9 @@ def test_experiments_compose(compose_cfg, option):
         assert (cfg.sparsity.n, cfg.sparsity.m) == (1, 4)
     if option == "dense_baseline":
         assert not cfg.sparsity
+    if option == "domino_then_finetune":
+        assert cfg.search.callback._target_ == "nm_lightning.DominoSearchCallback"
+        instantiate(cfg.search.callback)
 
 
 def test_debug_and_plain_overrides(compose_cfg):

@@ -154,3 +154,26 @@ def test_wheel_ships_configs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "run" / "export" / "model_dense_with_zeros.pt").exists()
     assert "N:M sparse model" in proc.stdout
+
+
+def test_domino_then_finetune_experiment(tiny_cfg, tmp_path):
+    """Search (tiny, with an easy target) then fine-tune with the found scheme from the dense start."""
+    cfg = tiny_cfg(
+        "experiment=domino_then_finetune", "search.pretrain_epochs=1", "search.max_epochs=6",
+        "search.callback.target_sparsity=0.5", "search.callback.check_every=1", "search.callback.penalty_every=1",
+        "search.callback.penalty=5.0", "search.callback.m=4", "+search.callback.plot=false",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+    )  # fmt: skip
+    metrics = run(cfg)
+    search_dir = tmp_path / "run" / "search"
+    net = cnn1d(**{k: v for k, v in cfg.model.net.items() if k != "_target_"})
+    from nm_lightning.models import Classifier
+
+    model = Classifier(net=net)
+    scheme = NMScheme.load(search_dir / "scheme.txt", model=model)
+    assert scheme and all(n in (1, 2, 4) and m == 4 for n, m in scheme.values())
+    assert (search_dir / "scheme.dense.pt").exists()
+    exported = json.loads((tmp_path / "run" / "export" / "scheme.json").read_text())
+    sparse_in_scheme = {k: v for k, v in scheme.items() if v[0] < v[1]}
+    assert {k: (v["n"], v["m"]) for k, v in exported.items()} == sparse_in_scheme
+    assert 0.0 <= metrics["test/acc"] <= 1.0
