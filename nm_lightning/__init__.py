@@ -28,3 +28,4 @@ __all__ = [
     "split_state_dict",
 ]
 __version__ = "0.1.0"
+from nm_lightning.export import dense_state_dict, export_artifacts, load_packed, save_dense, save_packed  # noqa: E402, F401
