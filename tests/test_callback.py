@@ -250,3 +250,20 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path):
     assert trainer.global_step == 12
     for name, layer in sparse_layers(full).items():
         assert torch.equal(layer.original, sparse_layers(resumed)[name].original), name
+
+
+def test_export_at_fit_end(tmp_path):
+    from nm_lightning import load_packed
+
+    cb = SRSTECallback(2, 4, export_dir="export", export_formats=["dense", "packed"])
+    _, model = _fit(tmp_path, [cb], max_epochs=1)
+    out = tmp_path / "export"
+    dense = torch.load(out / "model_dense.pt", weights_only=True)
+    plain = TinyNet()
+    plain.load_state_dict(dense, strict=True)
+    assert torch.equal(plain.fc1.weight, model.fc1.weight)
+    packed = load_packed(out / "model_packed.pt")
+    assert all(torch.equal(packed[k], dense[k]) for k in dense)
+    assert (out / "scheme.json").exists() and not (out / "model_2to4_cutlass.pt").exists()
+    with pytest.raises(ValueError, match=r"export formats must be a non-empty subset"):
+        SRSTECallback(export_formats=["onnx"])

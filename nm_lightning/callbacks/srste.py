@@ -58,6 +58,10 @@ class SRSTECallback(NMCallback):
         name: distinguishes several SRSTECallbacks on one Trainer (part of the checkpoint state key).
         init_weights: a plain state dict file (e.g. the dense weights a DominoSearch started from) loaded
             into the model with ``strict=True`` before sparsifying, at the start of ``fit``.
+        export_dir: at ``on_fit_end`` write the deployable artifacts there (relative to the log dir):
+            dense-with-zeros state dict, packed N:M file, CUTLASS 2:4 file and ``scheme.json``
+            (:func:`nm_lightning.export_artifacts`; rank 0 writes, barriers around the I/O).
+        export_formats: subset of ``["dense", "packed", "semi_structured"]`` (default: all).
     """
 
     def __init__(
@@ -78,6 +82,8 @@ class SRSTECallback(NMCallback):
         verbose: bool = True,
         name: str | None = None,
         init_weights: str | None = None,
+        export_dir: str | None = None,
+        export_formats: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.n, self.m, self.layout = validate_nm(n, m, layout)
@@ -104,6 +110,11 @@ class SRSTECallback(NMCallback):
         self.verbose = verbose
         self.name = name
         self.init_weights = init_weights
+        self.export_dir, self.export_formats = export_dir, export_formats
+        if export_formats is not None:
+            from nm_lightning.export.artifacts import check_formats
+
+            check_formats(export_formats)
         self._first_masks: dict[str, torch.Tensor] | None = None
         self._prev_masks: dict[str, torch.Tensor] | None = None
         self._last_step = -1
@@ -145,6 +156,17 @@ class SRSTECallback(NMCallback):
         )  # fmt: skip
         if self.mode == "fixed":
             self.freeze()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is None:
+            return
+        from nm_lightning.export import export_artifacts
+
+        out = Path(self.export_dir)
+        if not out.is_absolute():
+            out = Path(trainer.log_dir or trainer.default_root_dir) / out
+        formats = self.export_formats or ("dense", "packed", "semi_structured")
+        export_artifacts(trainer, pl_module, out, formats)
 
     # ------------------------------------------------------------------ mask freeze
     def freeze(self, trainer: pl.Trainer | None = None) -> None:

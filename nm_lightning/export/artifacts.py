@@ -17,14 +17,14 @@ from nm_lightning.export.semi_structured import save_semi_structured
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["export_artifacts", "write_artifacts", "FORMATS", "FILE_NAMES"]
+__all__ = ["export_artifacts", "write_artifacts", "check_formats", "FORMATS", "FILE_NAMES"]
 
 FORMATS = ("dense", "packed", "semi_structured")
 FILE_NAMES = {"dense": "model_dense.pt", "packed": "model_packed.pt", "semi_structured": "model_2to4_cutlass.pt"}
 METADATA = "scheme.json"
 
 
-def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if isinstance(formats, str):
         formats = (formats,)
     bad = [f for f in formats if f not in FORMATS]
@@ -46,7 +46,7 @@ def write_artifacts(
     ``scheme.json`` holds per-layer n, m, layout, shape, dtype and measured sparsity, and per file its
     name, size and sha256 (plus ``extra``, e.g. the global step).
     """
-    formats = _check_formats(formats)
+    formats = check_formats(formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
@@ -99,7 +99,7 @@ def export_artifacts(
     Returns the metadata on global rank 0 and ``None`` elsewhere. All ranks must call it (it issues
     two ``trainer.strategy.barrier()`` collectives).
     """
-    formats = _check_formats(formats)  # fail the same way on every rank, before any collective
+    formats = check_formats(formats)  # fail the same way on every rank, before any collective
     trainer.strategy.barrier("nm_lightning_export_start")
     meta = None
     try:
