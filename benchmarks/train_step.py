@@ -115,7 +115,7 @@ def build_variants(readme: Path, names: list[str]) -> tuple[dict[str, Callable[[
 def overhead_parts(rounds: int) -> None:
     """Time, over all layers of "ours", each piece of work a dense step does not do (medians, ms per step)."""
     from nm_lightning.masks import nm_mask
-    from nm_lightning.srste import ste_mask
+    from nm_lightning.srste import ste_nm
 
     layers = list(OURS_LAYERS.values())
     masks = [layer.sparsity.mask.clone() for layer in layers]
@@ -124,13 +124,13 @@ def overhead_parts(rounds: int) -> None:
             nm_mask(la.original, la.sparsity.n, la.sparsity.m, la.sparsity.layout) for la in layers
         ],
         "mask buffer copy_": lambda: [la.sparsity.mask.copy_(mk) for la, mk in zip(layers, masks, strict=True)],
-        "ste_mask forward (torch.where)": lambda: [
-            ste_mask(la.original, mk) for la, mk in zip(layers, masks, strict=True)
+        "ste_nm forward (fused mask + masked weight)": lambda: [
+            ste_nm(la.original, la.sparsity.n, la.sparsity.m, la.sparsity.layout) for la in layers
         ],
         "parametrized weight read (whole forward of the parametrization)": lambda: [
             getattr(la.module, la.param_name) for la in layers
         ],
-        "add_decay_ (where + add_)": lambda: [
+        "add_decay_ (native, one pass)": lambda: [
             add_decay_(la.original.grad, la.original, mk, DECAY) for la, mk in zip(layers, masks, strict=True)
         ],
         "(for scale) one dense copy of all sparse weights": lambda: [la.original.detach().clone() for la in layers],

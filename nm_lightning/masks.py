@@ -24,7 +24,7 @@ import torch
 
 from nm_lightning import _native
 
-__all__ = ["Layout", "LAYOUTS", "GroupView", "group_view", "nm_mask", "check_nm", "validate_nm"]
+__all__ = ["Layout", "LAYOUTS", "GroupView", "group_view", "nm_mask", "nm_masked", "check_nm", "validate_nm"]
 
 Layout = Literal["input_channel", "flat"]
 LAYOUTS: tuple[str, ...] = ("input_channel", "flat")
@@ -120,16 +120,7 @@ def nm_mask(
         ValueError: ``n``/``m``/``layout`` out of range, grouped dimension not divisible by ``m``,
             or NaN/Inf in ``weight``.
     """
-    n, m, layout = validate_nm(n, m, layout)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"nm_mask needs a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
-    if weight.dim() == 1 and layout == "input_channel":
-        raise ValueError(
-            f"layout 'input_channel' needs a weight with >= 2 dims, got shape {tuple(weight.shape)}; use layout='flat'"
-        )
-    reason = check_nm(weight.shape, n, m, layout)
-    if reason is not None:
-        raise ValueError(f"cannot apply {n}:{m} sparsity: {reason}")
+    n, m, layout = _validate_call(weight, n, m, layout)
     return _nm_mask_op(weight.detach(), n, m, layout, check_finite)
 
 
@@ -138,7 +129,7 @@ def _nm_mask_op(weight: torch.Tensor, n: int, m: int, layout: str, check_finite:
     # A custom op so that torch.compile treats the native kernel as one opaque op (no graph break).
     gv = group_view(weight.shape, layout)  # type: ignore[arg-type]
     if n < m and _native.supports(weight, m):
-        return _native.nm_mask(weight, n, m, gv.outer, gv.length, gv.inner, check_finite)
+        return _native.nm_mask(weight, n, m, gv.outer, gv.length, gv.inner, check_finite)[0]
     if check_finite:
         _check_finite(weight)
     if n == m:
@@ -149,6 +140,47 @@ def _nm_mask_op(weight: torch.Tensor, n: int, m: int, layout: str, check_finite:
 @_nm_mask_op.register_fake
 def _(weight: torch.Tensor, n: int, m: int, layout: str, check_finite: bool) -> torch.Tensor:
     return torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+
+
+def nm_masked(
+    weight: torch.Tensor, n: int, m: int, layout: Layout = "input_channel"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight ⊙ mask, mask)`` in one pass over the weight (no autograd; pruned entries are +0).
+
+    Same validation and errors as :func:`nm_mask`; this is what the SR-STE forward runs every step.
+    """
+    n, m, layout = _validate_call(weight, n, m, layout)
+    return _nm_masked_op(weight.detach(), n, m, layout)
+
+
+@torch.library.custom_op("nm_lightning::nm_masked", mutates_args=())
+def _nm_masked_op(weight: torch.Tensor, n: int, m: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    gv = group_view(weight.shape, layout)  # type: ignore[arg-type]
+    if n < m and _native.supports(weight, m):
+        mask, masked = _native.nm_mask(weight, n, m, gv.outer, gv.length, gv.inner, True, with_masked=True)
+        assert masked is not None
+        return masked, mask
+    mask = _nm_mask_op(weight, n, m, layout, True)
+    return torch.mul(weight, mask).add_(0.0), mask  # + 0.0 turns the -0.0 of negative pruned weights into +0
+
+
+@_nm_masked_op.register_fake
+def _(weight: torch.Tensor, n: int, m: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(weight), torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+
+
+def _validate_call(weight: torch.Tensor, n: object, m: object, layout: object) -> tuple[int, int, Layout]:
+    n, m, layout = validate_nm(n, m, layout)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"nm_mask needs a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
+    if weight.dim() == 1 and layout == "input_channel":
+        raise ValueError(
+            f"layout 'input_channel' needs a weight with >= 2 dims, got shape {tuple(weight.shape)}; use layout='flat'"
+        )
+    reason = check_nm(weight.shape, n, m, layout)
+    if reason is not None:
+        raise ValueError(f"cannot apply {n}:{m} sparsity: {reason}")
+    return n, m, layout
 
 
 def _check_finite(weight: torch.Tensor) -> None:

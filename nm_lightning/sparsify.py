@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nm_lightning.masks import Layout, check_nm, nm_mask, validate_nm
-from nm_lightning.srste import fixed_mask, ste_mask
+from nm_lightning.srste import fixed_mask, ste_nm
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -87,11 +87,15 @@ class NMSparsity(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.frozen:
             return fixed_mask(weight, self.mask)
-        mask = self.compute_mask(weight)
+        if self.straight_through:
+            out, mask = ste_nm(weight, self.n, self.m, self.layout)
+        else:
+            mask = self.compute_mask(weight)
+            out = fixed_mask(weight, mask)
         if self.training:
             # recorded for the SR-STE decay term and the flip-rate metrics of this step
             self.mask.copy_(mask)
-        return ste_mask(weight, mask) if self.straight_through else fixed_mask(weight, mask)
+        return out
 
     @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> torch.Tensor:

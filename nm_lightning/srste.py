@@ -19,47 +19,55 @@ from typing import Any
 
 import torch
 
-__all__ = ["ste_mask", "fixed_mask", "add_decay_", "decay_term"]
+from nm_lightning import _native
+from nm_lightning.masks import Layout, nm_masked
+
+__all__ = ["ste_nm", "fixed_mask", "add_decay_", "decay_term"]
 
 
-class _StraightThroughMask(torch.autograd.Function):
-    """Forward ``W ⊙ E``; backward passes the gradient unchanged (pruned weights keep learning).
+class _StraightThroughNM(torch.autograd.Function):
+    """Forward: ``(W ⊙ E, E)`` with ``E`` the N:M mask of ``W``, in one fused pass; backward: the gradient
+    passes to ``W`` unchanged (pruned weights keep learning).
 
-    Nothing is saved for backward: the masked weight is a new tensor either way, and the gradient
-    needs neither ``W`` nor ``E``.
+    Nothing is saved for backward: the gradient needs neither ``W`` nor ``E``.
     """
 
     @staticmethod
-    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.where(mask, weight, weight.new_zeros(()))
+    def forward(weight: torch.Tensor, n: int, m: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return nm_masked(weight, n, m, layout)  # type: ignore[arg-type]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        pass
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor, _grad_mask: Any) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        return grad, None, None, None
 
 
-def ste_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight ⊙ mask`` with a straight-through gradient (the SR-STE/STE forward)."""
-    return _StraightThroughMask.apply(weight, mask)
+def ste_nm(weight: torch.Tensor, n: int, m: int, layout: Layout = "input_channel") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight ⊙ E, E)`` with a straight-through gradient (the SR-STE/STE forward), ``E = nm_mask(weight)``."""
+    return _StraightThroughNM.apply(weight, n, m, layout)
 
 
 def fixed_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``weight ⊙ mask`` with the gradient masked too: pruned weights get no gradient (ASP-style)."""
-    return torch.where(mask, weight, weight.new_zeros(()))
+    return weight * mask
 
 
 def decay_term(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
     """``decay · (1 − mask) ⊙ weight``, the SR-STE regularization gradient."""
-    return torch.where(mask, weight.new_zeros(()), weight) * decay
+    return weight * ~mask * decay
 
 
 @torch.no_grad()
 def add_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
     """Add the SR-STE term to ``grad`` in place (call once per optimizer step) and return ``grad``."""
-    if decay != 0.0:
-        grad.add_(torch.where(mask, weight.new_zeros(()), weight.detach()).to(grad.dtype), alpha=decay)
+    if decay == 0.0:
+        return grad
+    weight = weight.detach()
+    if _native.supports_decay(grad, weight, mask):
+        _native.add_decay_(grad, weight, mask, decay)
+    else:
+        grad.add_((weight * ~mask).to(grad.dtype), alpha=decay)
     return grad

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nm_lightning import attach, nm_mask, plan_layers
-from nm_lightning.srste import add_decay_, decay_term, fixed_mask, ste_mask
+from nm_lightning.srste import add_decay_, decay_term, fixed_mask, ste_nm
 
 
 def _grad_wrt_masked(layer: nn.Module, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -48,13 +48,43 @@ def test_decay_term_only_on_pruned():
 
 def test_ste_saves_nothing_for_backward():
     w = torch.randn(8, 8, requires_grad=True)
-    mask = nm_mask(w, 2, 4)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = ste_mask(w, mask)
-    assert saved == []
+        out, mask = ste_nm(w, 2, 4)
+    assert saved == [] and not mask.requires_grad
+    assert torch.equal(mask, nm_mask(w, 2, 4)) and torch.equal(out, torch.where(mask, w, 0.0))
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_fused_masked_weight_matches_both_paths(dtype, monkeypatch):
+    from nm_lightning import _native
+    from nm_lightning.masks import nm_masked
+
+    w = torch.randn(16, 32, 3).to(dtype)
+    masked, mask = nm_masked(w, 2, 8)
+    assert torch.equal(masked, torch.where(mask, w, torch.zeros((), dtype=dtype)))
+    assert not bool(torch.signbit(masked[~mask]).any())  # pruned entries are +0, never -0
+    monkeypatch.setattr(_native, "supports", lambda *a: False)
+    masked_t, mask_t = nm_masked(w, 2, 8)
+    assert torch.equal(mask_t, mask) and torch.equal(masked_t, masked)
+    assert not bool(torch.signbit(masked_t[~mask_t]).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_decay_native_and_torch_agree(dtype, monkeypatch):
+    from nm_lightning import _native
+
+    w = torch.randn(64, 64).to(dtype)
+    mask = nm_mask(w, 1, 4)
+    g = torch.randn_like(w)
+    a = add_decay_(g.clone(), w, mask, 0.3)
+    monkeypatch.setattr(_native, "supports_decay", lambda *args: False)
+    b = add_decay_(g.clone(), w, mask, 0.3)
+    torch.testing.assert_close(a, b)
+    expected = (g.double() + 0.3 * w.double() * ~mask).to(dtype)
+    torch.testing.assert_close(a, expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
 
 
 def test_fixed_mask_blocks_gradient():

@@ -22,10 +22,11 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["available", "supports", "nm_mask"]
+__all__ = ["available", "supports", "nm_mask", "supports_decay", "add_decay_"]
 
 _SOURCE = Path(__file__).with_name("nm_kernel.c")
 # dtype -> (ctypes function name, unsigned view dtype, ctypes scalar, |x| bit mask, exponent bit mask)
@@ -34,6 +35,10 @@ _DTYPES: dict[torch.dtype, tuple[str, type, int, int]] = {
     torch.bfloat16: ("nm_mask_u16", ctypes.c_uint16, 0x7FFF, 0x7F80),
     torch.float32: ("nm_mask_u32", ctypes.c_uint32, 0x7FFFFFFF, 0x7F800000),
     torch.float64: ("nm_mask_u64", ctypes.c_uint64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+}
+_DECAY: dict[torch.dtype, tuple[str, type]] = {
+    torch.float32: ("nm_decay_f32", ctypes.c_float),
+    torch.float64: ("nm_decay_f64", ctypes.c_double),
 }
 _MAX_M = 256  # NM_MAX_M in the C source
 _MIN_LANES_PER_THREAD = 4096
@@ -105,7 +110,11 @@ def _compile() -> ctypes.CDLL | None:
     for name, ctype, _, _ in _DTYPES.values():
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctype, ctype]
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctype, ctype]
+    for name, ctype in _DECAY.values():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctype]
     return lib
 
 
@@ -129,12 +138,36 @@ def supports(weight: torch.Tensor, m: int) -> bool:
     return weight.device.type == "cpu" and weight.dtype in _DTYPES and m <= _MAX_M and available()
 
 
+def _run(fn: Any, total: int, min_per_thread: int, args_for: Any) -> list[Any]:
+    """Run ``fn(*args_for(begin, end))`` over ``[0, total)`` split across up to torch's thread count.
+
+    ctypes releases the GIL during the call, so the chunks run in parallel.
+    """
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), total // min_per_thread))
+    if threads == 1:
+        return [fn(*args_for(0, total))]
+    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001 - resize on demand
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nm_lightning")
+    bounds = [total * i // threads for i in range(threads + 1)]
+    futures = [_pool.submit(fn, *args_for(bounds[i], bounds[i + 1])) for i in range(threads)]
+    return [f.result() for f in futures]
+
+
 def nm_mask(
-    weight: torch.Tensor, n: int, m: int, outer: int, length: int, inner: int, check_finite: bool = True
-) -> torch.Tensor:
+    weight: torch.Tensor,
+    n: int,
+    m: int,
+    outer: int,
+    length: int,
+    inner: int,
+    check_finite: bool = True,
+    with_masked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Native mask of a CPU weight viewed as ``[outer, length, inner]`` with groups of ``m`` along ``length``.
 
-    With ``check_finite`` raises ``ValueError`` on NaN/Inf, found in the same pass over the weight.
+    Returns ``(mask, masked weight or None)``; with ``with_masked`` the masked weight is written in the
+    same pass. With ``check_finite`` raises ``ValueError`` on NaN/Inf, found in that pass too.
     """
     lib = _get_lib()
     assert lib is not None
@@ -142,24 +175,39 @@ def nm_mask(
     fn = getattr(lib, name)
     w = weight.detach().contiguous()
     out = torch.empty(w.shape, dtype=torch.bool)
+    masked = torch.empty_like(w) if with_masked else None
+    ptrs = (w.data_ptr(), out.data_ptr(), masked.data_ptr() if masked is not None else None)
     lanes = outer * (length // m) * inner
-    args = (w.data_ptr(), out.data_ptr())
-    threads = max(1, min(torch.get_num_threads(), lanes // _MIN_LANES_PER_THREAD))
-    if threads == 1:
-        bad = fn(*args, 0, lanes, inner, n, m, ctype(absmask), ctype(expmask))
-    else:
-        global _pool
-        if _pool is None or _pool._max_workers < threads:  # noqa: SLF001 - resize on demand
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nm_mask")
-        bounds = [lanes * i // threads for i in range(threads + 1)]
-        # ctypes releases the GIL during the call, so the chunks run in parallel
-        futures = [
-            _pool.submit(fn, *args, bounds[i], bounds[i + 1], inner, n, m, ctype(absmask), ctype(expmask))
-            for i in range(threads)
-        ]
-        bad = sum(f.result() for f in futures)
+    bad = sum(
+        _run(fn, lanes, _MIN_LANES_PER_THREAD, lambda b, e: (*ptrs, b, e, inner, n, m, ctype(absmask), ctype(expmask)))
+    )
     if bad and check_finite:
         raise ValueError(
             f"weight of shape {tuple(weight.shape)} contains {bad} NaN/Inf value(s); N:M masks need finite weights"
         )
-    return out
+    return out, masked
+
+
+def supports_decay(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether :func:`add_decay_` can run natively (contiguous fp32/fp64 CPU tensors of one shape)."""
+    return (
+        grad.device.type == "cpu"
+        and grad.dtype in _DECAY
+        and weight.dtype == grad.dtype
+        and mask.dtype == torch.bool
+        and grad.shape == weight.shape == mask.shape
+        and grad.is_contiguous()
+        and weight.is_contiguous()
+        and mask.is_contiguous()
+        and available()
+    )
+
+
+def add_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, decay: float) -> None:
+    """``grad += decay * weight`` where ``mask`` is False, in place, in one pass."""
+    lib = _get_lib()
+    assert lib is not None
+    name, ctype = _DECAY[grad.dtype]
+    fn = getattr(lib, name)
+    ptrs = (grad.data_ptr(), weight.data_ptr(), mask.data_ptr())
+    _run(fn, grad.numel(), 1 << 18, lambda b, e: (*ptrs, b, e, ctype(decay)))

@@ -9,7 +9,11 @@
  * lanes and vectorizes: a branch-free insertion network finds each group's k-th largest (or smallest)
  * magnitude, then one sweep keeps everything above it and as many ties as are still needed.
  *
- * Returns the number of non-finite values seen (the caller raises when it is not zero).
+ * With `wout` not NULL the masked weight (kept values, +0 elsewhere) is written in the same pass, so
+ * the SR-STE forward needs no separate masking pass. Returns the number of non-finite values seen (the
+ * caller raises when it is not zero).
+ *
+ * nm_decay_*: grad += lam * w where the mask is 0 (the SR-STE term), one pass, in place.
  */
 #include <stdint.h>
 
@@ -17,7 +21,7 @@
 #define LANES 32
 
 #define NM_DEFINE(NAME, T)                                                                          \
-int64_t NAME(const T *w, uint8_t *out, int64_t lane_begin, int64_t lane_end, int64_t inner,        \
+int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end, int64_t inner, \
              int64_t n, int64_t m, T absmask, T expmask) {                                          \
     T v[NM_MAX_M][LANES];                                                                           \
     T sel[NM_MAX_M / 2 + 1][LANES];                                                                 \
@@ -74,6 +78,12 @@ int64_t NAME(const T *w, uint8_t *out, int64_t lane_begin, int64_t lane_end, int
         }                                                                                           \
         for (int64_t j = 0; j < m; ++j)                                                             \
             for (int b = 0; b < nb; ++b) out[base[b] + j * inner] = (uint8_t)v[j][b];               \
+        if (wout)                                                                                   \
+            for (int64_t j = 0; j < m; ++j)                                                         \
+                for (int b = 0; b < nb; ++b) {                                                      \
+                    const int64_t at = base[b] + j * inner;                                         \
+                    wout[at] = v[j][b] ? w[at] : (T)0;                                              \
+                }                                                                                   \
     }                                                                                               \
     return nonfinite;                                                                               \
 }
@@ -81,3 +91,11 @@ int64_t NAME(const T *w, uint8_t *out, int64_t lane_begin, int64_t lane_end, int
 NM_DEFINE(nm_mask_u16, uint16_t)
 NM_DEFINE(nm_mask_u32, uint32_t)
 NM_DEFINE(nm_mask_u64, uint64_t)
+
+#define NM_DECAY(NAME, F)                                                                           \
+void NAME(F *grad, const F *w, const uint8_t *mask, int64_t begin, int64_t end, F lam) {            \
+    for (int64_t i = begin; i < end; ++i) grad[i] += mask[i] ? (F)0 : lam * w[i];                  \
+}
+
+NM_DECAY(nm_decay_f32, float)
+NM_DECAY(nm_decay_f64, double)
