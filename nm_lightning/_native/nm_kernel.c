@@ -24,6 +24,7 @@
 int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end, int64_t inner, \
              int64_t n, int64_t m, T absmask, T expmask) {                                          \
     T v[NM_MAX_M][LANES];                                                                           \
+    T raw[NM_MAX_M][LANES]; /* the weights as read, for the masked-weight output */                 \
     T sel[NM_MAX_M / 2 + 1][LANES];                                                                 \
     T x[LANES], thr[LANES];                                                                         \
     int32_t need[LANES];                                                                            \
@@ -41,6 +42,7 @@ int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane
             for (int b = 0; b < nb; ++b) {                                                          \
                 const T bits = w[base[b] + j * inner];                                              \
                 nonfinite += ((bits & expmask) == expmask);                                         \
+                raw[j][b] = bits;                                                                   \
                 v[j][b] = bits & absmask;                                                           \
             }                                                                                       \
         }                                                                                           \
@@ -76,14 +78,17 @@ int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane
                     v[j][b] = (T)(!((v[j][b] < thr[b]) | take));                                    \
                 }                                                                                   \
         }                                                                                           \
-        for (int64_t j = 0; j < m; ++j)                                                             \
-            for (int b = 0; b < nb; ++b) out[base[b] + j * inner] = (uint8_t)v[j][b];               \
-        if (wout)                                                                                   \
+        if (wout) {                                                                                 \
             for (int64_t j = 0; j < m; ++j)                                                         \
                 for (int b = 0; b < nb; ++b) {                                                      \
                     const int64_t at = base[b] + j * inner;                                         \
-                    wout[at] = v[j][b] ? w[at] : (T)0;                                              \
+                    out[at] = (uint8_t)v[j][b];                                                     \
+                    wout[at] = (T)(raw[j][b] & (T)(0 - v[j][b])); /* kept bits or +0 */             \
                 }                                                                                   \
+        } else {                                                                                    \
+            for (int64_t j = 0; j < m; ++j)                                                         \
+                for (int b = 0; b < nb; ++b) out[base[b] + j * inner] = (uint8_t)v[j][b];           \
+        }                                                                                           \
     }                                                                                               \
     return nonfinite;                                                                               \
 }
