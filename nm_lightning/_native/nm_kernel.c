@@ -34,9 +34,12 @@ int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane
     const int64_t k = keep_side ? n : m - n;                                                        \
     for (int64_t l0 = lane_begin; l0 < lane_end; l0 += LANES) {                                     \
         const int nb = (int)((lane_end - l0) < LANES ? (lane_end - l0) : LANES);                    \
-        for (int b = 0; b < nb; ++b) {                                                              \
-            const int64_t lane = l0 + b;                                                            \
-            base[b] = (lane / inner) * m * inner + lane % inner;                                    \
+        {   /* lane -> offset of its first element, without a division per lane */                 \
+            int64_t row = l0 / inner, c = l0 % inner;                                               \
+            for (int b = 0; b < nb; ++b) {                                                          \
+                base[b] = row * m * inner + c;                                                      \
+                if (++c == inner) { c = 0; ++row; }                                                 \
+            }                                                                                       \
         }                                                                                           \
         for (int64_t j = 0; j < m; ++j) {                                                           \
             for (int b = 0; b < nb; ++b) {                                                          \
