@@ -38,23 +38,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_README, ResNet18, load_reference, machine_line, print_table, reference_conv_factory  # noqa: E402,I001
 
 from nm_lightning.sparsify import attach, plan_layers  # noqa: E402
+from nm_lightning.srste import _pack as _nm_pack  # noqa: E402
+from nm_lightning.srste import _unpack as _nm_unpack  # noqa: E402
 
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def measure(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Bytes held by autograd after one training forward of ``model`` on ``x``."""
+def measure(model: nn.Module, x: torch.Tensor, recompute: bool = False) -> dict[str, int]:
+    """Bytes held by autograd after one training forward of ``model`` on ``x``.
+
+    ``recompute``: pack with nm_lightning's ``recompute_masked_weights`` hooks (what SRSTECallback enables by
+    default); a masked weight is then kept as (its Parameter, its bool mask), so the mask is what is counted.
+    """
     model.train()
     params = {_storage_key(p) for p in model.parameters()}
     saved: list[torch.Tensor] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> object:
+        packed = _nm_pack(t) if recompute else t
+        if isinstance(packed, tuple):  # ("_nm_source", W, mask, version, view): W is a Parameter
+            saved.extend([packed[1], packed[2]])
+            return packed
         saved.append(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _nm_unpack if recompute else (lambda t: t)):
         loss = model(x).float().sum()
 
     raw = sum(t.numel() * t.element_size() for t in saved)
@@ -117,8 +127,12 @@ def main() -> None:
         dense_model = make_dense()
         state = copy.deepcopy(dense_model.state_dict())
         dense = measure(dense_model, x)
-        variants: list[tuple[str, nn.Module, int]] = []
-        for label, exclude in (("ours", None), ("ours, fc dense", ["fc"])):
+        variants: list[tuple[str, nn.Module, int, bool]] = []
+        for label, exclude, recompute in (
+            ("ours, recompute_masked=False", None, False),
+            ("ours (callback default: recompute_masked=True)", None, True),
+            ("ours, fc dense", ["fc"], True),
+        ):
             if exclude and "ResNet" not in title:
                 continue
             model = make_dense()
@@ -126,15 +140,15 @@ def main() -> None:
             plans = plan_layers(model, 2, 4, exclude=exclude)
             layers = attach(model, plans)
             n_sparse = sum(p.numel for p in plans if p.status == "covered")
-            variants.append((label, model, n_sparse))
+            variants.append((label, model, n_sparse, recompute))
             buf = sum(layer.sparsity.mask.numel() * layer.sparsity.mask.element_size() for layer in layers.values())
             persistent.append([title, label, f"{buf:,}", f"{buf / n_sparse:.2f}"])
         ref = make_ref()
         ref.load_state_dict(state)
         n_ref = sum(mod.weight.numel() for mod in ref.modules() if isinstance(mod, (ns["SparseConv"], RefLinear)))
-        variants.append(("reference" + (" (Sparse.apply + F.linear)" if "Linear(" in title else ""), ref, n_ref))
-        for label, model, n_sparse in variants:
-            got = measure(model, x)
+        variants.append(("reference" + (" (Sparse.apply + F.linear)" if "Linear(" in title else ""), ref, n_ref, False))
+        for label, model, n_sparse, recompute in variants:
+            got = measure(model, x, recompute)
             per = {k: (got[k] - dense[k]) / n_sparse for k in got}
             rows.append([
                 title, label, f"{n_sparse:,}",
@@ -151,10 +165,11 @@ def main() -> None:
     print_table(["model", "variant", "mask buffer bytes", "bytes / sparse weight"], persistent)
     print("reference: no persistent mask (ctx.mask, float32, lives from forward to backward; counted above)")
     print(
-        "\nnotes: a dense layer saves its weight Parameter for backward (free: it exists anyway). A sparse layer\n"
-        "saves the masked weight W*E instead, a new tensor of the weight's dtype: same raw bytes, but 4 B/weight\n"
-        "(fp32) of real extra memory. The reference also keeps a float32 mask on ctx (4 B/weight, not visible\n"
-        "to saved_tensors_hooks) and saves W itself (a Parameter: counted in raw, free in reality)."
+        "\nnotes: a dense layer saves its weight Parameter for backward (free: it exists anyway). Without the\n"
+        "recompute hooks a sparse layer saves the masked weight W*E instead, a new tensor of the weight's dtype:\n"
+        "same raw bytes, but 4 B/weight (fp32) of real extra memory. With them (the callback's default) it keeps\n"
+        "W (the Parameter) and the bool mask, 1 B/weight, and rebuilds W*E in backward. The reference keeps a\n"
+        "float32 mask on ctx (4 B/weight, not visible to saved_tensors_hooks) and saves W itself."
     )
 
 

@@ -23,6 +23,7 @@ Run: ``python benchmarks/train_step.py [--quick] [--profile] [--reference-readme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -46,7 +47,7 @@ from _common import (  # noqa: E402
 )
 
 from nm_lightning.sparsify import attach, plan_layers  # noqa: E402
-from nm_lightning.srste import add_decay_  # noqa: E402
+from nm_lightning.srste import add_decay_, recompute_masked_weights  # noqa: E402
 
 DECAY = 2e-4  # the reference's default λ, used by both SR-STE variants
 OURS_LAYERS: dict = {}  # the attached layers of the "ours" variant, for the overhead breakdown
@@ -58,8 +59,10 @@ def make_step(model: nn.Module, layers: dict | None, x: torch.Tensor, y: torch.T
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        # the callback's default (recompute_masked=True): keep the bool mask, rebuild W*E in backward
+        with recompute_masked_weights() if layers is not None else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
         if layers is not None:
             # what SRSTECallback.on_before_optimizer_step does, line for line
             in_opt = {id(p) for group in opt.param_groups for p in group["params"]}

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from nm_lightning.masks import Layout, check_nm, nm_mask, validate_nm
-from nm_lightning.srste import fixed_mask, ste_nm
+from nm_lightning.srste import fixed_mask, ste_nm, tag_masked_weight
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -86,9 +86,14 @@ class NMSparsity(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.frozen:
-            return fixed_mask(weight, self.mask)
+            out = fixed_mask(weight, self.mask)  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly
+            if not torch.compiler.is_compiling():
+                tag_masked_weight(out, weight, self.mask)
+            return out
         if self.straight_through:
             out, mask = ste_nm(weight, self.n, self.m, self.layout)
+            if not torch.compiler.is_compiling():
+                tag_masked_weight(out, weight, mask)
         else:
             mask = self.compute_mask(weight)
             out = fixed_mask(weight, mask)

@@ -22,7 +22,7 @@ import torch
 from nm_lightning import _native
 from nm_lightning.masks import Layout, nm_masked
 
-__all__ = ["ste_nm", "fixed_mask", "add_decay_", "decay_term"]
+__all__ = ["ste_nm", "fixed_mask", "add_decay_", "decay_term", "tag_masked_weight", "recompute_masked_weights"]
 
 
 class _StraightThroughNM(torch.autograd.Function):
@@ -71,3 +71,46 @@ def add_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, dec
     else:
         grad.add_((weight * ~mask).to(grad.dtype), alpha=decay)
     return grad
+
+
+# ---------------------------------------------------------------------- memory: recompute W ⊙ E in backward
+_SOURCE_ATTR = "_nm_source"
+
+
+def tag_masked_weight(masked: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Remember how ``masked`` was made, so :func:`recompute_masked_weights` can drop it after forward."""
+    setattr(masked, _SOURCE_ATTR, (weight, mask))
+
+
+def _pack(t: torch.Tensor) -> Any:
+    src = getattr(t, _SOURCE_ATTR, None)
+    base = t
+    if src is None and t._base is not None:  # e.g. F.linear saves weight.t(), a view of the masked weight
+        base = t._base
+        src = getattr(base, _SOURCE_ATTR, None)
+    if src is None or base.dtype != src[0].dtype:
+        return t
+    weight, mask = src
+    view = None if base is t else (tuple(t.size()), tuple(t.stride()), t.storage_offset())
+    return (_SOURCE_ATTR, weight, mask, weight._version, view)
+
+
+def _unpack(packed: Any) -> torch.Tensor:
+    if not (isinstance(packed, tuple) and packed and packed[0] == _SOURCE_ATTR):
+        return packed
+    _, weight, mask, version, view = packed
+    if weight._version != version:
+        raise RuntimeError(
+            "an N:M-sparse weight was modified in place between forward and backward; its masked value, "
+            "needed by backward, can no longer be rebuilt (SRSTECallback(recompute_masked=False) keeps a copy)"
+        )
+    with torch.no_grad():
+        masked = torch.mul(weight, mask).add_(0.0)  # bit-identical to the forward's W ⊙ E (+0 where pruned)
+    return masked if view is None else masked.as_strided(*view)
+
+
+def recompute_masked_weights() -> torch.autograd.graph.saved_tensors_hooks:
+    """Context in which layers that save an N:M-masked weight for backward keep only ``W`` (a Parameter,
+    which exists anyway) and the bool mask (1 byte per weight) instead of the 4-byte ``W ⊙ E``; backward
+    rebuilds ``W ⊙ E`` exactly. Other saved tensors are untouched; hooks entered inside take precedence."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)

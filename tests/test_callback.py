@@ -267,3 +267,11 @@ def test_export_at_fit_end(tmp_path):
     assert (out / "scheme.json").exists() and not (out / "model_2to4_cutlass.pt").exists()
     with pytest.raises(ValueError, match=r"export formats must be a non-empty subset"):
         SRSTECallback(export_formats=["onnx"])
+
+
+def test_recompute_masked_does_not_change_training(tmp_path):
+    _, a = _fit(tmp_path / "a", [SRSTECallback(2, 4, decay=0.01, recompute_masked=True)], max_epochs=1)
+    _, b = _fit(tmp_path / "b", [SRSTECallback(2, 4, decay=0.01, recompute_masked=False)], max_epochs=1)
+    for name, layer in sparse_layers(a).items():
+        assert torch.equal(layer.original, sparse_layers(b)[name].original), name
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None  # hooks left after each batch

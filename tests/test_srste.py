@@ -165,3 +165,59 @@ def test_decay_not_scaled_by_loss_scale():
         add_decay_(w.grad, w, sp.mask, 0.1)
         grads.append(w.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "mha", "frozen"])
+def test_recompute_masked_weights_is_exact_and_keeps_one_byte(kind):
+    from nm_lightning.srste import _pack
+
+    torch.manual_seed(0)
+    if kind == "mha":
+        make, x = (lambda: nn.MultiheadAttention(16, 2, batch_first=True)), torch.randn(2, 5, 16)
+    elif kind == "conv":
+        make, x = (lambda: nn.Conv2d(8, 4, 3)), torch.randn(2, 8, 6, 6)
+    else:
+        make, x = (lambda: nn.Linear(16, 8)), torch.randn(4, 16)
+    grads = []
+    kept_bytes = []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        layer = make()
+        layers = attach(layer, plan_layers(layer, 2, 4))
+        if kind == "frozen":
+            for la in layers.values():
+                la.sparsity.freeze(la.original)
+
+        def counting_pack(t):
+            packed = _pack(t)
+            if isinstance(packed, tuple):
+                kept_bytes.append(packed[2].numel() * packed[2].element_size())
+            return packed
+
+        from contextlib import nullcontext
+
+        from nm_lightning import srste
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(counting_pack, srste._unpack)
+        xg = x.clone().requires_grad_(True)  # so that backward needs the (masked) weight
+        with hooks if recompute else nullcontext():
+            out = layer(xg, xg, xg)[0] if kind == "mha" else layer(xg)
+        out.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()] + [xg.grad.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+    # every masked weight saved for backward was replaced by its bool mask: 1 byte per weight
+    weights = {la.original.numel() for la in layers.values()}
+    assert kept_bytes and set(kept_bytes) <= weights
+
+
+def test_recompute_detects_in_place_change():
+    from nm_lightning.srste import recompute_masked_weights
+
+    layer = nn.Linear(8, 4)
+    attach(layer, plan_layers(layer, 2, 4))
+    with recompute_masked_weights():
+        out = layer(torch.randn(3, 8, requires_grad=True))
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"modified in place between forward and backward"):
+        out.sum().backward()

@@ -15,7 +15,7 @@ from nm_lightning.metrics import MaskFlipRate, mask_flips, nonzero_count
 from nm_lightning.report import coverage
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import freeze_layers, load_plain_weights
-from nm_lightning.srste import add_decay_
+from nm_lightning.srste import add_decay_, recompute_masked_weights
 
 __all__ = ["SRSTECallback"]
 
@@ -62,6 +62,9 @@ class SRSTECallback(NMCallback):
             dense-with-zeros state dict, packed N:M file, CUTLASS 2:4 file and ``scheme.json``
             (:func:`nm_lightning.export_artifacts`; rank 0 writes, barriers around the I/O).
         export_formats: subset of ``["dense", "packed", "semi_structured"]`` (default: all).
+        recompute_masked: between forward and backward keep only the bool mask (1 byte per weight) instead
+            of the 4-byte masked weight, and rebuild it exactly in backward (saved-tensor hooks active
+            during each training batch).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class SRSTECallback(NMCallback):
         init_weights: str | None = None,
         export_dir: str | None = None,
         export_formats: list[str] | None = None,
+        recompute_masked: bool = True,
     ) -> None:
         super().__init__()
         self.n, self.m, self.layout = validate_nm(n, m, layout)
@@ -111,6 +115,8 @@ class SRSTECallback(NMCallback):
         self.name = name
         self.init_weights = init_weights
         self.export_dir, self.export_formats = export_dir, export_formats
+        self.recompute_masked = recompute_masked
+        self._saved_hooks: Any = None
         if export_formats is not None:
             from nm_lightning.export.artifacts import check_formats
 
@@ -185,6 +191,9 @@ class SRSTECallback(NMCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.recompute_masked and self._saved_hooks is None:
+            self._saved_hooks = recompute_masked_weights()
+            self._saved_hooks.__enter__()  # left in on_train_batch_end, after this batch's backward
         if self.freeze_at_step is not None and trainer.global_step >= self.freeze_at_step and not self.frozen:
             self.freeze(trainer)
 
@@ -201,9 +210,18 @@ class SRSTECallback(NMCallback):
                 continue
             add_decay_(w.grad, w, layer.sparsity.mask, self.decay)
 
+    def _leave_saved_hooks(self) -> None:
+        if self._saved_hooks is not None:
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._leave_saved_hooks()
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._leave_saved_hooks()
         if trainer.global_step == self._last_step:
             return  # accumulating: no optimizer step yet
         self._last_step = trainer.global_step
