@@ -94,18 +94,8 @@ class CNN1D(nn.Module):
         return self.classifier(self.features(x))
 
 
-def cnn1d(
-    in_channels: int = 1,
-    num_classes: int = 10,
-    length: int = 40,
-    channels: Sequence[int] = (32, 64, 128),
-    kernel_size: int = 5,
-    hidden: int = 128,
-    dropout: float = 0.1,
-    downsample: bool = True,
-) -> CNN1D:
-    """Build a :class:`CNN1D` (defaults fit MNIST-1D)."""
-    return CNN1D(in_channels, num_classes, length, list(channels), kernel_size, hidden, dropout, downsample)
+# builders named like their config entries (``_target_: nm_lightning.models.cnn1d``); same signatures
+cnn1d = CNN1D
 
 
 # ---------------------------------------------------------------------------------------------- ResNets
@@ -263,18 +253,4 @@ class TransformerClassifier(nn.Module):
         return self.head(self.norm(h).mean(dim=1))
 
 
-def transformer(
-    num_classes: int = 10,
-    length: int = 40,
-    in_channels: int = 1,
-    patch_size: int = 4,
-    dim: int = 64,
-    depth: int = 2,
-    heads: int = 4,
-    mlp_ratio: int = 2,
-    dropout: float = 0.1,
-    vocab_size: int | None = None,
-) -> TransformerClassifier:
-    """Build a :class:`TransformerClassifier` (defaults fit MNIST-1D: 10 patches of 4 samples)."""
-    return TransformerClassifier(num_classes, length, in_channels, patch_size, dim, depth, heads, mlp_ratio,
-                                 dropout, vocab_size)
+transformer = TransformerClassifier
