@@ -7,12 +7,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from nm_lightning.masks import Layout
 from nm_lightning.report import print_layer_table
-from nm_lightning.sparsify import LayerPlan, SparseLayer, attach, plan_layers, split_state_dict
+from nm_lightning.sparsify import LayerPlan, SparseLayer, attach, detach, plan_layers, split_state_dict
 
 __all__ = ["CHECKPOINT_KEY", "NMCallback"]
 
@@ -86,6 +87,18 @@ class NMCallback(Callback):
         if stage == "fit" and verbose and not self._table_shown:
             self._table_shown = True
             rank_zero_only(print_layer_table)(self.plans, title, self._model_params)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under a multiprocessing launcher (``ddp_spawn``, ``ddp_fork``) hand the masked weights back.
+
+        The launcher copies the worker's ``state_dict`` into the caller's (never sparsified) model with
+        ``strict=False``, which would silently drop every parametrized weight. Detaching in the worker at the
+        end of fit leaves plain keys with the N:M-masked weights, so the caller's model receives the sparse
+        model (resume from the checkpoints, which keep the full N:M state).
+        """
+        if stage == "fit" and isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            detach(pl_module, owner=self.owner)
+            self.layers = {}
 
     @staticmethod
     def log_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:

@@ -1,0 +1,78 @@
+"""Two CPU processes (gloo, ddp_spawn): identical masks on every rank, λ not scaled by world size, the
+caller's model receives the sparse weights, one set of files."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyNet, make_data, trainer_kwargs
+from torch.utils.data import DataLoader, DistributedSampler
+
+from nm_lightning import DominoSearchCallback, SRSTECallback, nm_mask, sparse_layers
+
+pytestmark = pytest.mark.slow
+
+
+class RankCheck(pl.Callback):
+    """In every worker, after each step: all ranks hold the same effective weights and masks."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        layers = sparse_layers(pl_module)
+        digest = torch.stack(
+            [
+                torch.stack([la.sparsity.mask.sum().float(), la.module.weight.detach().double().sum().float()])
+                for la in layers.values()
+            ]
+        )
+        gathered = trainer.strategy.all_gather(digest)
+        assert torch.equal(gathered[0], gathered[1]), "ranks disagree on N:M masks or weights"
+
+
+class OrderedNet(TinyNet):
+    """Rank r reads samples r, r + world, ...: two ranks x batch 8 see the same 16 samples as one x batch 16."""
+
+    def train_dataloader(self):
+        data = make_data()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return DataLoader(data, batch_size=self.hparams.batch_size, sampler=DistributedSampler(data, shuffle=False))
+        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=False)
+
+
+def _fit(tmp_path, callbacks, devices, batch_size, strategy="auto", max_epochs=2):
+    pl.seed_everything(0, workers=True)
+    model = OrderedNet(batch_size=batch_size)
+    kw = trainer_kwargs(tmp_path, max_epochs=max_epochs, callbacks=callbacks, devices=devices, strategy=strategy)
+    trainer = pl.Trainer(**{**kw, "deterministic": False, "use_distributed_sampler": False})
+    trainer.fit(model)
+    return model
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """Gradients are averaged before the decay is added once: 2 x batch 8 == 1 x batch 16 (decay 0.05)."""
+    single = _fit(tmp_path / "one", [SRSTECallback(2, 4, decay=0.05)], devices=1, batch_size=16)
+    double = _fit(
+        tmp_path / "two", [SRSTECallback(2, 4, decay=0.05), RankCheck()], devices=2, batch_size=8, strategy="ddp_spawn"
+    )
+    # with ddp_spawn the caller's model gets the plain masked weights back (see NMCallback.teardown)
+    assert not sparse_layers(double)
+    for name, layer in sparse_layers(single).items():
+        got = double.get_submodule(name).weight
+        torch.testing.assert_close(got, layer.module.weight, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got != 0, nm_mask(got, 2, 4) & (got != 0))
+
+
+def test_domino_search_under_ddp_writes_one_scheme(tmp_path):
+    cb = DominoSearchCallback(
+        target_sparsity=0.6, m=4, check_every=2, penalty_every=1, penalty=2.0, output="found.json", plot=False
+    )
+    pl.seed_everything(0, workers=True)
+    model = TinyNet(lr=0.01, momentum=0.0, batch_size=8)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path, max_epochs=30, callbacks=[cb, RankCheck()], devices=2, strategy="ddp_spawn", deterministic=False
+        )
+    )
+    trainer.fit(model)
+    files = sorted(p.name for p in tmp_path.rglob("found*"))
+    assert files == ["found.dense.pt", "found.json"]
