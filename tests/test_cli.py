@@ -75,3 +75,27 @@ def test_fit_subcommand_runs(tmp_path):
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     w = state["net.classifier.1.weight"]
     assert float((w == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_every_callback_parses_from_the_command_line(tmp_path):
+    from nm_lightning import DominoSearchCallback, SparsityScheduler
+
+    cli = main([
+        "--trainer.callbacks+=SRSTECallback", "--trainer.callbacks.n=1", "--trainer.callbacks.m=4",
+        "--trainer.callbacks.scheme={net.classifier.1: [2, 16]}",
+        "--trainer.callbacks+=SparsityScheduler", "--trainer.callbacks.schedule=cubic", "--trainer.callbacks.end=100",
+        "--trainer.callbacks.unit=step", "--trainer.callbacks.levels=[8, 4, 2]",
+        f"--data.data_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+    ], run=False)  # fmt: skip
+    (sched,) = [c for c in cli.trainer.callbacks if isinstance(c, SparsityScheduler)]
+    assert (sched.schedule, sched.end, sched.levels) == ("cubic", 100, [8, 4, 2])
+    assert dict(_srste(cli).scheme) == {"net.classifier.1": (2, 16)}
+    cli = main([
+        "--trainer.callbacks+=DominoSearchCallback", "--trainer.callbacks.target_flops=0.875",
+        "--trainer.callbacks.m=32", "--trainer.callbacks.output=found.json",
+        f"--data.data_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+    ], run=False)  # fmt: skip
+    (dom,) = [c for c in cli.trainer.callbacks if isinstance(c, DominoSearchCallback)]
+    assert (dom.target_flops, dom.m, dom.output) == (0.875, 32, "found.json")
+    with pytest.raises(SystemExit):
+        main(["--trainer.callbacks+=SparsityScheduler", "--trainer.callbacks.unit=batch"], run=False)
