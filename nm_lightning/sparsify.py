@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,19 +86,16 @@ class NMSparsity(nn.Module):
         return self.mask if self.frozen else self.compute_mask(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            out = fixed_mask(weight, self.mask)  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly
-            if not torch.compiler.is_compiling():
-                tag_masked_weight(out, weight, self.mask)
-            return out
-        if self.straight_through:
+        if self.frozen:  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly in backward
+            out, mask = fixed_mask(weight, self.mask), self.mask
+        elif self.straight_through:
             out, mask = ste_nm(weight, self.n, self.m, self.layout)
-            if not torch.compiler.is_compiling():
-                tag_masked_weight(out, weight, mask)
-        else:
+        else:  # negative pruned weights give -0 here: not rebuilt bit-exactly, so not tagged
             mask = self.compute_mask(weight)
             out = fixed_mask(weight, mask)
-        if self.training:
+        if (self.frozen or self.straight_through) and not torch.compiler.is_compiling():
+            tag_masked_weight(out, weight, mask)
+        if self.training and not self.frozen:
             # recorded for the SR-STE decay term and the flip-rate metrics of this step
             self.mask.copy_(mask)
         return out
@@ -178,10 +176,7 @@ class LayerPlan:
 
     @property
     def numel(self) -> int:
-        out = 1
-        for s in self.shape:
-            out *= s
-        return out
+        return math.prod(self.shape)
 
 
 @dataclass

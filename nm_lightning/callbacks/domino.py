@@ -198,8 +198,8 @@ class DominoSearchCallback(NMCallback):
                 for name, layer in self.layers.items():
                     w = layer.original
                     if w.grad is not None and search.layers[name].eta != 0.0:
-                        kept = torch.where(layer.sparsity.mask, w, w.new_zeros(()))
-                        w.grad.add_(kept, alpha=lam * search.layers[name].eta)
+                        # a bool-mask multiply: several times faster than torch.where on CPU
+                        w.grad.add_(w * layer.sparsity.mask, alpha=lam * search.layers[name].eta)
         if step % self.check_every == 0:
             changed = search.check({k: v.original for k, v in self.layers.items()}, self.layout, step)
             for name in changed:

@@ -166,13 +166,12 @@ class SRSTECallback(NMCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is None:
             return
-        from nm_lightning.export import export_artifacts
+        from nm_lightning.export.artifacts import FORMATS, export_artifacts
 
         out = Path(self.export_dir)
         if not out.is_absolute():
             out = Path(trainer.log_dir or trainer.default_root_dir) / out
-        formats = self.export_formats or ("dense", "packed", "semi_structured")
-        export_artifacts(trainer, pl_module, out, formats)
+        export_artifacts(trainer, pl_module, out, self.export_formats or FORMATS)
 
     # ------------------------------------------------------------------ mask freeze
     def freeze(self, trainer: pl.Trainer | None = None) -> None:
