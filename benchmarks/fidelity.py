@@ -51,9 +51,10 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": list(range(args.seeds if args.seeds else (2 if quick else 3))),
         "epochs": args.epochs if args.epochs else (3 if quick else 15),
         "search_max_epochs": 8 if quick else 10,
-        "sweep_c": [0.1, 1.0] if quick else [0.03, 0.1, 0.3, 1.0, 3.0],
+        "sweep_c": [0.1, 1.0] if quick else [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0],
         "channels": [32, 64, 128],
         "hidden": 256,
+        "shuffle_seq": bool(args.shuffle_seq),
         "workers": args.workers,
         "workdir": args.workdir or tempfile.mkdtemp(prefix="nm_fidelity_"),
     }
@@ -88,7 +89,7 @@ def _datamodule(cfg: dict[str, Any]) -> Any:
 
     return MNIST1DDataModule(
         data_dir=str(Path(cfg["workdir"]) / "data"), num_samples=cfg["num_samples"], train_split=0.8,
-        val_fraction=cfg["val_fraction"], batch_size=cfg["batch_size"],
+        val_fraction=cfg["val_fraction"], batch_size=cfg["batch_size"], shuffle_seq=cfg.get("shuffle_seq", False),
     )  # fmt: skip
 
 
@@ -209,7 +210,20 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a new temp dir)")
     parser.add_argument("--plot", default=str(HERE / "fidelity.png"))
     parser.add_argument("--json", default=None, help="also write all per-run results here")
+    parser.add_argument(
+        "--shuffle-seq",
+        action="store_true",
+        help="the shuffled MNIST-1D variant (a fixed permutation of the 40 time steps)",
+    )
+    parser.add_argument("--from-json", default=None, help="only re-render the report and plot of a saved --json run")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        c_best = max((r for r in saved["sweep"] if r["c"] > 0), key=lambda r: r["val_acc"])["c"]
+        args.quick, args.shuffle_seq = saved["cfg"]["num_samples"] < 40000, saved["cfg"].get("shuffle_seq", False)
+        print(report(saved["cfg"], saved["sweep"], c_best, saved["results"], saved.get("wall", float("nan")), args))
+        plot(saved["results"], Path(args.plot))
+        return
     cfg = config(args)
     t0 = time.perf_counter()
     _quiet()
@@ -252,7 +266,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     log(f"all done in {wall:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cfg": cfg, "sweep": sweep, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"cfg": cfg, "sweep": sweep, "results": results, "wall": wall}, indent=1))
     print(report(cfg, sweep, c_best, results, wall, args))
     plot(results, Path(args.plot))
 
@@ -285,10 +299,13 @@ def report(cfg: dict[str, Any], sweep: list[dict[str, Any]], c_best: float, resu
 
     arms = summarize(results)
     spe = steps_per_epoch(cfg)
+    shuffled = cfg.get("shuffle_seq", False)
     cmd = "/work/venv/bin/python benchmarks/fidelity.py" + (" --quick" if args.quick else "")
+    cmd += " --shuffle-seq" if shuffled else ""
     lines = [
         f"## Fidelity (issue 7): `{cmd}`", "",
-        f"MNIST-1D, {cfg['num_samples']} samples (80% train, of which {cfg['val_fraction']:.0%} validation; 20% "
+        f"{'Shuffled MNIST-1D (a fixed permutation of the 40 time steps)' if shuffled else 'MNIST-1D'}, "
+        f"{cfg['num_samples']} samples (80% train, of which {cfg['val_fraction']:.0%} validation; 20% "
         f"test), `cnn1d(channels={cfg['channels']}, hidden={cfg['hidden']})` (381 600 weights covered by N:16; "
         f"the 160-weight stem stays dense), batch {cfg['batch_size']}, {spe} steps/epoch, {cfg['epochs']} epochs "
         f"per arm (fine-tunes: {cfg['epochs']} more from the dense model of the same seed), SGD Nesterov momentum "

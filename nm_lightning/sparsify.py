@@ -46,6 +46,7 @@ __all__ = [
     "split_state_dict",
     "plain_state_dict",
     "load_plain_weights",
+    "materialize_lazy",
     "resolve_type",
 ]
 
@@ -351,7 +352,10 @@ def _decide(
     if existing is not None and getattr(existing, "owner", None) not in (None, owner):
         return "skipped", f"already sparsified by {existing.owner}"
     if isinstance(p, nn.parameter.UninitializedParameter):
-        return "skipped", "lazy parameter not initialized yet (run one forward before fit)"
+        return "skipped", (
+            "lazy parameter not initialized yet: run one forward before attaching "
+            "(the callbacks do it when the LightningModule sets `example_input_array`)"
+        )
     if parametrize.is_parametrized(module, plan.param_name) and existing is None:
         return "skipped", "has another parametrization"
     if issubclass(cls, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -365,8 +369,42 @@ def _decide(
         return "skipped", f"weight is shared with {', '.join(shared)} (tied weights)"
     reason = check_nm(p.shape, plan.n, plan.m, layout)
     if reason is not None:
+        groups = getattr(module, "groups", 1)
+        if groups > 1 and groups == getattr(module, "in_channels", 0):
+            reason += " (depthwise conv: each output channel reads a single input channel)"
         return "skipped", reason
     return "covered", ""
+
+
+def materialize_lazy(model: nn.Module, example: Any) -> list[str]:
+    """Initialize lazy modules (``nn.LazyLinear``, ...) with one no-grad forward of ``example``.
+
+    Their weights have no shape until the first forward, so N:M cannot be planned for them before. The dry
+    run is done in eval mode (BatchNorm statistics and dropout untouched) and returns the names of the modules
+    it initialized; ``example`` may be a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    """
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    lazy = [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params()
+    ]
+    if not lazy:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, Mapping):
+                model(**example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
+    finally:
+        model.train(was_training)
+    return lazy
 
 
 def attach(

@@ -188,7 +188,7 @@ def test_strict_raises_on_skipped_layer(tmp_path):
 
 
 def test_no_layer_is_a_clear_error(tmp_path):
-    with pytest.raises(MisconfigurationException, match=r"no layer to sparsify.*configure_model"):
+    with pytest.raises(MisconfigurationException, match=r"no layer to sparsify.*include/exclude"):
         _fit(tmp_path, [SRSTECallback(2, 4, include=["nothing*"])], max_epochs=1)
 
 

@@ -1,4 +1,5 @@
-"""What every N:M callback shares: attaching in ``setup``, plain-key checkpoints, exact resume, logging."""
+"""What every N:M callback shares: attaching (in ``setup``, or after ``configure_model``), plain-key checkpoints,
+exact resume, logging."""
 
 from __future__ import annotations
 
@@ -6,14 +7,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.nn.parameter import is_lazy
 
 from nm_lightning.masks import Layout
 from nm_lightning.report import print_layer_table
-from nm_lightning.sparsify import LayerPlan, SparseLayer, attach, detach, plan_layers, split_state_dict
+from nm_lightning.sparsify import (
+    LayerPlan,
+    SparseLayer,
+    attach,
+    detach,
+    materialize_lazy,
+    plan_layers,
+    split_state_dict,
+)
 
 __all__ = ["CHECKPOINT_KEY", "NMCallback"]
 
@@ -22,7 +34,14 @@ _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 
 
 class NMCallback(Callback):
-    """Base of the N:M callbacks. Subclasses call :meth:`attach_layers` from ``setup``."""
+    """Base of the N:M callbacks. Subclasses implement :meth:`setup_layers` and call :meth:`attach_layers` there.
+
+    Lightning calls the callbacks' ``setup`` before the module's ``configure_model``, so for a module that
+    overrides ``configure_model`` (layers built there) attaching waits until after it: the first of
+    ``on_load_checkpoint`` (resume: before the exact N:M state is restored) and ``on_{fit,validation,test,
+    predict}_start``. Parameters stay the same objects when attached, so the optimizers built in between
+    keep working.
+    """
 
     plans: list[LayerPlan]
     layers: dict[str, SparseLayer]
@@ -33,10 +52,47 @@ class NMCallback(Callback):
         self.layers = {}
         self._model_params = 0
         self._table_shown = False
+        self._pending_stage: str | None = None
 
     @property
     def owner(self) -> str:
         return self.state_key
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            self._pending_stage = stage  # its layers may not exist yet
+        else:
+            self._setup_now(trainer, pl_module, stage)
+
+    def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Plan and attach this callback's layers (called once the model is complete)."""
+        raise NotImplementedError
+
+    def attach_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach now if ``setup`` deferred it until after ``configure_model``."""
+        if self._pending_stage is not None:
+            stage, self._pending_stage = self._pending_stage, None
+            self._setup_now(trainer, pl_module, stage)
+
+    def _setup_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        example = pl_module.example_input_array
+        if example is not None:
+            lazy = materialize_lazy(pl_module, move_data_to_device(example, pl_module.device))
+            if lazy:
+                rank_zero_info(f"{type(self).__name__}: initialized lazy modules {lazy} with `example_input_array`")
+        self.setup_layers(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach_pending(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach_pending(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach_pending(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach_pending(trainer, pl_module)
 
     def attach_layers(
         self,
@@ -77,13 +133,12 @@ class NMCallback(Callback):
         if not self.layers:
             raise MisconfigurationException(
                 f"{name} found no layer to sparsify "
-                f"({len(skipped)} skipped, {sum(p.status == 'excluded' for p in self.plans)} excluded). "
-                "Layers built in `configure_model` do not exist yet when callbacks run `setup`; "
-                "build them in `__init__`, or check include/exclude/scheme."
+                f"({len(skipped)} skipped, {sum(p.status == 'excluded' for p in self.plans)} excluded); "
+                "check include/exclude/include_types/scheme"
             )
         for p in skipped:
             rank_zero_warn(f"{name}: {p.name} ({p.type_name} {p.shape}) stays dense: {p.reason}")
-        self._model_params = sum(p.numel() for p in pl_module.parameters())
+        self._model_params = sum(p.numel() for p in pl_module.parameters() if not is_lazy(p))
         if stage == "fit" and verbose and not self._table_shown:
             self._table_shown = True
             rank_zero_only(print_layer_table)(self.plans, title, self._model_params)
@@ -121,6 +176,7 @@ class NMCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Restore dense weights, masks and per-layer N:M of this callback's layers exactly."""
+        self.attach_pending(trainer, pl_module)
         entry = checkpoint.get(CHECKPOINT_KEY)
         name = type(self).__name__
         if entry is None:

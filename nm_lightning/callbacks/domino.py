@@ -113,7 +113,7 @@ class DominoSearchCallback(NMCallback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name, include=self.include, exclude=self.exclude)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = f"size {self.target_sparsity}" if self.target_sparsity is not None else f"FLOPs {self.target_flops}"
         self.attach_layers(
             trainer, pl_module, stage, n=self.m, m=self.m, layout=self.layout, include=self.include,

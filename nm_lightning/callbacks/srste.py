@@ -149,7 +149,7 @@ class SRSTECallback(NMCallback):
         return {k: (v.sparsity.n, v.sparsity.m) for k, v in self.layers.items()}
 
     # ------------------------------------------------------------------ attach
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.init_weights is not None and stage == "fit" and not self.layers:
             load_plain_weights(pl_module, self.init_weights)
         if isinstance(self.scheme_arg, (str, Path)) and self.scheme is None:
@@ -271,4 +271,3 @@ class SRSTECallback(NMCallback):
     def _log(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             self.log_metrics(trainer, self.metrics())
-
