@@ -1,7 +1,13 @@
-"""Two CPU processes (gloo, ddp_spawn): identical masks on every rank, λ not scaled by world size, the
-caller's model receives the sparse weights, one set of files."""
+"""Two CPU processes (gloo; ``ddp_spawn`` in-process, ``ddp`` through a script): identical masks on every rank, λ
+and the DominoSearch penalty not scaled by world size, the caller's model receives the sparse weights, one set of
+files."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -76,3 +82,44 @@ def test_domino_search_under_ddp_writes_one_scheme(tmp_path):
     trainer.fit(model)
     files = sorted(p.name for p in tmp_path.rglob("found*"))
     assert files == ["found.dense.pt", "found.json"]
+
+
+SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
+
+
+def _script(tmp_path: Path, mode: str, devices: int, batch_size: int) -> Path:
+    """Run ``ddp_script.py`` (``strategy="ddp"``: Lightning relaunches the script for rank 1)."""
+    out = tmp_path / f"{mode}_{devices}"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(SCRIPT), str(out), mode, str(devices), str(batch_size)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("mode", ["srste", "domino"])
+def test_ddp_subprocess_launcher_equals_one_process(tmp_path, mode):
+    """``ddp`` (not spawn): identical masks, N:M and weights on both ranks; 2 x batch 8 equals 1 x batch 16 (SR-STE
+    decay and scheduler, or DominoSearch penalty and decisions, not scaled by world size); one set of files."""
+    one = _script(tmp_path, mode, 1, 16)
+    two = _script(tmp_path, mode, 2, 8)
+    single = torch.load(one / "rank0_of_1.pt", weights_only=True)
+    r0 = torch.load(two / "rank0_of_2.pt", weights_only=True)
+    r1 = torch.load(two / "rank1_of_2.pt", weights_only=True)
+    assert r0["step"] == single["step"] and r0["nm"] == r1["nm"] == single["nm"]
+    assert any(n < m for n, m in single["nm"].values())
+    for k in single["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k]) and torch.equal(r0["weights"][k], r1["weights"][k]), k
+        assert torch.equal(r0["masks"][k], single["masks"][k]), k
+        torch.testing.assert_close(r0["weights"][k], single["weights"][k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r0["effective"][k], single["effective"][k], rtol=1e-4, atol=1e-5)
+    assert _files(two / "run") == _files(one / "run")  # written once (rank 0), same names as the 1-process run
+    if mode == "srste":
+        assert {"scheme.json"} <= {Path(f).name for f in _files(two / "run" / "export")}
+    else:
+        assert (two / "run" / "found.json").read_text() == (one / "run" / "found.json").read_text()
