@@ -1,4 +1,4 @@
-"""Reliability: torch.compile with each callback, the sharded-strategy guard."""
+"""Reliability: torch.compile with each callback, the sharded-strategy guard, 16-mixed loss scaling."""
 
 from __future__ import annotations
 
@@ -65,3 +65,49 @@ def test_sharded_strategies_are_refused_at_setup(strategy):
     for cb in (SRSTECallback(), DominoSearchCallback(target_sparsity=0.5, m=4)):
         with pytest.raises(MisconfigurationException, match=rf"does not support {strategy} yet"):
             cb.setup(fake, TinyNet(), "fit")
+
+
+def _fit_16_mixed(tmp_path, device: str, callbacks, scale: float) -> dict[str, torch.Tensor]:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    pl.seed_everything(0)
+    model = TinyNet()
+    # a real loss-scaling run: Lightning's 16-mixed plugin with a GradScaler (on CPU too, where the Trainer flag
+    # itself refuses fp16 AMP); the growth interval keeps the scale fixed so two scales can be compared
+    scaler = torch.amp.GradScaler(device, init_scale=scale, growth_interval=10**6)
+    plugin = MixedPrecision("16-mixed", device, scaler=scaler)
+    kw = trainer_kwargs(tmp_path, callbacks=callbacks, plugins=[plugin], accelerator=device)
+    pl.Trainer(**{**kw, "deterministic": False}).fit(model)
+    assert scaler.get_scale() == scale  # no overflow: every step was taken
+    return {k: v.original.detach().cpu().clone() for k, v in sparse_layers(model).items()}
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+def _srste(strength: float) -> list[pl.Callback]:
+    return [SRSTECallback(2, 4, decay=strength, verbose=False)]
+
+
+def _scheduled(strength: float) -> list[pl.Callback]:
+    return [SRSTECallback(1, 4, decay=strength, verbose=False), SparsityScheduler("linear", end=4, plot=False)]
+
+
+def _domino(strength: float) -> list[pl.Callback]:
+    return [
+        DominoSearchCallback(target_sparsity=0.6, m=4, check_every=2, penalty_every=1, penalty=strength, plot=False,
+                             save_dense=False, verbose=False)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("make", [_srste, _scheduled, _domino], ids=["srste", "scheduler", "domino"])
+def test_16_mixed_loss_scale_does_not_leak_into_decay_or_penalty(tmp_path, device, make):
+    """The SR-STE decay and the DominoSearch penalty are added after unscaling: loss scales 2^4 and 2^12 train the
+    same weights, while the decay / penalty itself does change them."""
+    low = _fit_16_mixed(tmp_path / "a", device, make(0.05), 2.0**4)
+    high = _fit_16_mixed(tmp_path / "b", device, make(0.05), 2.0**12)
+    without = _fit_16_mixed(tmp_path / "c", device, make(0.0), 2.0**4)
+    for k in low:
+        torch.testing.assert_close(low[k], high[k], rtol=1e-4, atol=1e-5)
+    assert any(float((low[k] - without[k]).abs().max()) > 1e-3 for k in low)
