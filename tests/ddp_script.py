@@ -1,7 +1,7 @@
 """Run by ``tests/test_distributed.py`` as a script: Lightning's ``ddp`` strategy relaunches this file once per
 extra rank (its subprocess launcher), which cannot happen inside pytest itself.
 
-    python tests/ddp_script.py OUT_DIR {srste,domino} DEVICES BATCH_SIZE
+    python tests/ddp_script.py OUT_DIR {srste,configure_model,domino} DEVICES BATCH_SIZE
 
 Every rank writes ``OUT_DIR/rank{r}.pt`` with its final weights and masks; callbacks write their files (export,
 scheme) under ``OUT_DIR/run``.
@@ -21,14 +21,31 @@ from test_distributed import OrderedNet, RankCheck  # noqa: E402
 from nm_lightning import DominoSearchCallback, SparsityScheduler, SRSTECallback, sparse_layers  # noqa: E402
 
 
+class LateNet(OrderedNet):
+    """The layers are built in ``configure_model``: N:M is attached after DDP wrapped the module."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__(batch_size=batch_size)
+        self.built = False
+        for name in ("conv1", "conv2", "fc1", "fc2"):
+            delattr(self, name)
+
+    def configure_model(self) -> None:
+        if not self.built:
+            self.built = True
+            torch.manual_seed(1)
+            donor = OrderedNet()
+            self.conv1, self.conv2, self.fc1, self.fc2 = donor.conv1, donor.conv2, donor.fc1, donor.fc2
+
+
 def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
     pl.seed_everything(0, workers=True)
-    if mode == "srste":
+    if mode in ("srste", "configure_model"):
         callbacks = [
             SRSTECallback(1, 4, decay=0.05, export_dir="export", export_formats=["dense", "packed"], verbose=False),
             SparsityScheduler(start=0, end=6, schedule="linear", decay_schedule="linear", plot=False),
         ]
-        model = OrderedNet(batch_size=batch_size)
+        model = (OrderedNet if mode == "srste" else LateNet)(batch_size=batch_size)
         epochs = 3
     else:
         callbacks = [

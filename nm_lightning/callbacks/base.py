@@ -37,10 +37,8 @@ class NMCallback(Callback):
     """Base of the N:M callbacks. Subclasses implement :meth:`setup_layers` and call :meth:`attach_layers` there.
 
     Lightning calls the callbacks' ``setup`` before the module's ``configure_model``, so for a module that
-    overrides ``configure_model`` (layers built there) attaching waits until after it: the first of
-    ``on_load_checkpoint`` (resume: before the exact N:M state is restored) and ``on_{fit,validation,test,
-    predict}_start``. Parameters stay the same objects when attached, so the optimizers built in between
-    keep working.
+    overrides ``configure_model`` (layers built there) attaching waits until right after it: before the
+    strategy wraps the module, the optimizers are built and a checkpoint is restored.
     """
 
     plans: list[LayerPlan]
@@ -61,15 +59,32 @@ class NMCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if is_overridden("configure_model", pl_module):
             self._pending_stage = stage  # its layers may not exist yet
+            self._attach_after_configure_model(trainer, pl_module)
         else:
             self._setup_now(trainer, pl_module, stage)
+
+    def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the attach right after the module's ``configure_model`` and before the strategy wraps the module.
+
+        Registering a parametrization resets the Parameter's gradient accumulator (``set_``), so attaching after
+        DDP has wrapped the module would silently disconnect DDP's gradient all-reduce from those weights.
+        The wrapper is an instance attribute that removes itself when called.
+        """
+        inner = pl_module.configure_model
+
+        def configure_model() -> None:
+            pl_module.__dict__.pop("configure_model", None)
+            inner()
+            self._attach_pending(trainer, pl_module)
+
+        pl_module.configure_model = configure_model  # type: ignore[method-assign]
 
     def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Plan and attach this callback's layers (called once the model is complete)."""
         raise NotImplementedError
 
-    def attach_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Attach now if ``setup`` deferred it until after ``configure_model``."""
+    def _attach_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach now if ``setup`` deferred it until after ``configure_model`` (a no-op otherwise)."""
         if self._pending_stage is not None:
             stage, self._pending_stage = self._pending_stage, None
             self._setup_now(trainer, pl_module, stage)
@@ -81,18 +96,6 @@ class NMCallback(Callback):
             if lazy:
                 rank_zero_info(f"{type(self).__name__}: initialized lazy modules {lazy} with `example_input_array`")
         self.setup_layers(trainer, pl_module, stage)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach_pending(trainer, pl_module)
-
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach_pending(trainer, pl_module)
-
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach_pending(trainer, pl_module)
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.attach_pending(trainer, pl_module)
 
     def attach_layers(
         self,
@@ -176,7 +179,6 @@ class NMCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Restore dense weights, masks and per-layer N:M of this callback's layers exactly."""
-        self.attach_pending(trainer, pl_module)
         entry = checkpoint.get(CHECKPOINT_KEY)
         name = type(self).__name__
         if entry is None:

@@ -120,7 +120,6 @@ class SparsityScheduler(Callback):
             )
         if found:
             self.srste = found[0]
-            self.srste.attach_pending(trainer, pl_module)  # it may still wait for `configure_model`
             if self.srste.mode == "fixed" or self.srste.freeze_at_step is not None:
                 raise MisconfigurationException(
                     "SparsityScheduler decides when masks become fixed (its `freeze` argument): use "
