@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_data, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -117,7 +118,7 @@ def test_lazy_layers_without_example_input_are_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"net\.1 \(LazyLinear .*stays dense: lazy parameter not initialized"):
         _fit(tmp_path, model, [SRSTECallback(2, 4)])
     assert set(sparse_layers(model)) == {"net.3"}
-    with pytest.raises(Exception, match="net.1: lazy parameter"):
+    with pytest.raises(MisconfigurationException, match="net.1: lazy parameter"):
         _fit(tmp_path / "strict", Lazy(example=False), [SRSTECallback(2, 4, strict=True)])
 
 
@@ -194,3 +195,10 @@ def test_multihead_attention_and_transformer_layer_are_trained_sparse(tmp_path):
     for name, layer in layers.items():
         w = getattr(layer.module, layer.param_name).detach()
         assert int((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2, name
+
+
+def test_strict_reports_tied_and_depthwise(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"inp: weight is shared with out\.weight \(tied weights\)"):
+        _fit(tmp_path / "a", Tied(), [SRSTECallback(2, 4, strict=True)])
+    with pytest.raises(MisconfigurationException, match=r"net\.2: .*depthwise conv"):
+        _fit(tmp_path / "b", Convs(), [SRSTECallback(2, 8, strict=True)])

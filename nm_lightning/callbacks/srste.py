@@ -23,17 +23,18 @@ __all__ = ["SRSTECallback"]
 class SRSTECallback(NMCallback):
     """Train N:M sparse weights with SR-STE (Zhou et al., ICLR 2021); no change to the model code.
 
-    In ``setup`` every selected Linear/Conv1d/2d/3d/MultiheadAttention weight gets an N:M
-    parametrization (same Parameter objects, so it works before or after the optimizer exists). Each
+    In ``setup`` (or right after ``configure_model`` when the module builds its layers there) every selected
+    Linear/Conv1d/2d/3d/MultiheadAttention weight gets an N:M parametrization (same Parameter objects). Each
     training forward keeps the ``n`` largest-|w| weights of every group of ``m``; the dense weight gets
     the straight-through gradient plus ``decay·(1−E)⊙W``, added once per optimizer step on the unscaled,
     reduced gradient. ``decay=0`` is plain STE. ``mode="fixed"`` computes the mask once (ASP-style
     fine-tuning: pruned weights are zeroed and get no gradient); ``freeze_at_step`` or :meth:`freeze`
     fixes the mask mid-run.
 
-    Setting λ (``decay``): its effect grows with learning rate × number of steps. The paper's 2e-4 was
-    set for ~600k ImageNet steps at lr 0.1; for much shorter runs raise it roughly in proportion (pick
-    it on a validation split, and watch ``nm/flip_rate``: it should fall towards zero as training ends).
+    Setting λ (``decay``): its effect grows with learning rate × number of steps, so set
+    ``decay = c / (lr · total_steps)``. The paper's 2e-4 at lr 0.1 for ~600k ImageNet steps is c ≈ 12; on
+    MNIST-1D the validation optimum was c ≈ 0.1–0.3 (``benchmarks/RESULTS.md``). Pick c on a validation
+    split, and watch ``nm/flip_rate``: it should fall towards zero as training ends.
 
     Checkpoints hold the *plain* model's keys with masked weights (``Model.load_from_checkpoint`` works
     on the never-sparsified class with ``strict=True``); the dense weights, masks and per-layer N:M go to
