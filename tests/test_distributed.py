@@ -15,7 +15,7 @@ import torch
 from conftest import TinyNet, make_data, trainer_kwargs
 from torch.utils.data import DataLoader, DistributedSampler
 
-from nm_lightning import DominoSearchCallback, SRSTECallback, nm_mask, sparse_layers
+from nm_lightning import DominoSearchCallback, SparsityScheduler, SRSTECallback, nm_mask, sparse_layers
 
 pytestmark = pytest.mark.slow
 
@@ -54,12 +54,20 @@ def _fit(tmp_path, callbacks, devices, batch_size, strategy="auto", max_epochs=2
     return model
 
 
+def _spawn_callbacks() -> list[pl.Callback]:
+    return [
+        SRSTECallback(2, 4, decay=0.05, export_dir="export", export_formats=["dense", "packed"]),
+        SparsityScheduler(start=0, end=4, schedule="linear", decay_schedule="linear", plot=False),
+    ]
+
+
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    """Gradients are averaged before the decay is added once: 2 x batch 8 == 1 x batch 16 (decay 0.05)."""
-    single = _fit(tmp_path / "one", [SRSTECallback(2, 4, decay=0.05)], devices=1, batch_size=16)
-    double = _fit(
-        tmp_path / "two", [SRSTECallback(2, 4, decay=0.05), RankCheck()], devices=2, batch_size=8, strategy="ddp_spawn"
-    )
+    """Gradients are averaged before the decay is added once: 2 x batch 8 == 1 x batch 16 (decay 0.05, ramped by
+    the scheduler); the export is written once."""
+    single = _fit(tmp_path / "one", _spawn_callbacks(), devices=1, batch_size=16)
+    double = _fit(tmp_path / "two", [*_spawn_callbacks(), RankCheck()], devices=2, batch_size=8, strategy="ddp_spawn")
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
+    assert any(p.name == "scheme.json" for p in (tmp_path / "two" / "export").iterdir())
     # with ddp_spawn the caller's model gets the plain masked weights back (see NMCallback.teardown)
     assert not sparse_layers(double)
     for name, layer in sparse_layers(single).items():
