@@ -111,3 +111,22 @@ def test_16_mixed_loss_scale_does_not_leak_into_decay_or_penalty(tmp_path, devic
     for k in low:
         torch.testing.assert_close(low[k], high[k], rtol=1e-4, atol=1e-5)
     assert any(float((low[k] - without[k]).abs().max()) > 1e-3 for k in low)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_training_with_low_precision_weights(tmp_path, precision):
+    """Weights held in bf16 / fp16 (``*-true`` precision): masks, decay and checkpoints work in that dtype."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    model = TinyNet()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    kw = trainer_kwargs(tmp_path, callbacks=[SRSTECallback(2, 4, decay=0.01), ckpt], precision=precision)
+    pl.Trainer(**{**kw, "enable_checkpointing": True}).fit(model)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
+    for name, layer in sparse_layers(model).items():
+        w = layer.module.weight
+        assert w.dtype == dtype and torch.isfinite(layer.original).all(), name
+        assert torch.equal(w != 0, nm_mask(layer.original, 2, 4) & (w != 0)), name
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["fc1.weight"].dtype == dtype
