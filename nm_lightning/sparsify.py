@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from nm_lightning.masks import Layout, check_nm, nm_mask, validate_nm
@@ -383,8 +384,6 @@ def materialize_lazy(model: nn.Module, example: Any) -> list[str]:
     run is done in eval mode (BatchNorm statistics and dropout untouched) and returns the names of the modules
     it initialized; ``example`` may be a tensor, a tuple of positional inputs or a dict of keyword inputs.
     """
-    from torch.nn.modules.lazy import LazyModuleMixin
-
     lazy = [
         name
         for name, mod in model.named_modules()
