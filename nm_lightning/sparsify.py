@@ -48,6 +48,7 @@ __all__ = [
     "plain_state_dict",
     "load_plain_weights",
     "materialize_lazy",
+    "saved_nm_layers",
     "resolve_type",
 ]
 
@@ -516,6 +517,17 @@ def split_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dic
         if key not in nm_entries:
             plain.setdefault(key, value)
     return plain, nm_entries
+
+
+def saved_nm_layers(state_dict: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The N:M extra state (``n``, ``m``, layout, frozen, ...) of every sparsified layer in a state dict, by
+    layer name (the names :func:`plan_layers` uses): what a checkpoint was written with."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        if key.endswith("0._extra_state") and isinstance(value, Mapping) and value.get(_EXTRA_KEY) == 1:
+            head, _, rest = key[: -len("0._extra_state")].rpartition("parametrizations.")
+            out[_layer_name(head.rstrip("."), rest.rstrip("."))] = dict(value)
+    return out
 
 
 def load_plain_weights(model: nn.Module, path: str | Path) -> None:

@@ -125,3 +125,22 @@ def test_crash_mid_epoch_then_resume_is_bit_identical(tmp_path, case):
     _assert_identical(_state(full_trainer, full_model), _state(trainer, model), case)
     if case == "domino":
         assert (tmp_path / "run" / "found.json").read_text() == (tmp_path / "full" / "found.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("callback", "match"),
+    [
+        (lambda: SRSTECallback(1, 4), r"conv2: 2:4 in the checkpoint, 1:4 here"),
+        (lambda: SRSTECallback(2, 8), r"N:M state for \['conv1'\], which are dense here"),
+        (lambda: SRSTECallback(2, 4, mode="fixed"), r"fc1: a dynamic mask in the checkpoint, a fixed mask here"),
+        (lambda: SRSTECallback(2, 4, exclude=["fc2"]), r"N:M state for \['fc2'\], which are dense here"),
+        (lambda: SRSTECallback(2, 4, layout="flat"), r"fc1: m=4, layout='input_channel' in the checkpoint, m=4, lay"),
+    ],
+    ids=["other_n", "other_m", "fixed_vs_dynamic", "fewer_layers", "other_layout"],
+)
+def test_resume_with_another_configuration_is_refused(tmp_path, callback, match):
+    """A checkpoint from a run with other N:M settings is refused with the layer and both values, instead of
+    silently switching the layers to the checkpoint's N:M."""
+    _fit(tmp_path / "run", [SRSTECallback(2, 4, decay=0.01)], max_epochs=1)
+    with pytest.raises(RuntimeError, match=match):
+        _fit(tmp_path / "other", [callback()], ckpt_path=tmp_path / "run" / "ckpt" / "last.ckpt", max_epochs=2)

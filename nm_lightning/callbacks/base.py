@@ -24,6 +24,8 @@ from nm_lightning.sparsify import (
     detach,
     materialize_lazy,
     plan_layers,
+    saved_nm_layers,
+    sparse_layers,
     split_state_dict,
 )
 
@@ -189,6 +191,7 @@ class NMCallback(Callback):
             return
         if entry.get("version") != 1:
             raise ValueError(f"unsupported nm_lightning checkpoint version {entry.get('version')!r}")
+        self._check_resume_matches(trainer, pl_module, saved_nm_layers(entry["state"]))
         prefixes = tuple(_state_prefix(layer) for layer in self.layers.values())
         mine = {k: v for k, v in entry["state"].items() if k.startswith(prefixes)}
         result = pl_module.load_state_dict(mine, strict=False)
@@ -198,6 +201,43 @@ class NMCallback(Callback):
             raise RuntimeError(
                 f"{name}: the checkpoint lacks N:M state for {layers}; was it written with the same layers sparsified?"
             )
+
+
+    def expected_n(self, trainer: pl.Trainer, name: str) -> int | None:
+        """The N a resumed layer must have, or ``None`` when N legitimately changes during the run."""
+        return None
+
+    def _check_resume_matches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, saved: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Refuse, naming layer and values, a checkpoint written with another N:M configuration.
+
+        Loading it would silently switch layers to the checkpoint's N:M (or fail deep inside with a shape
+        error); to start a new run from its weights, load them as plain weights instead.
+        """
+        name = type(self).__name__
+        hint = (
+            "resume with the configuration the checkpoint was written with, or start a new run from its weights "
+            "(SRSTECallback(init_weights=...) or `Model.load_from_checkpoint`)"
+        )
+        dense_here = sorted(set(saved) - set(sparse_layers(pl_module)))
+        if dense_here:
+            raise RuntimeError(f"{name}: the checkpoint has N:M state for {dense_here}, which are dense here; {hint}")
+        problems = []
+        for key, layer in self.layers.items():
+            if key not in saved:
+                continue  # reported below as missing state
+            old, sp = saved[key], layer.sparsity
+            if (old["m"], old["layout"]) != (sp.m, sp.layout):
+                problems.append(f"{key}: m={old['m']}, layout={old['layout']!r} in the checkpoint, "
+                                f"m={sp.m}, layout={sp.layout!r} here")  # fmt: skip
+            n = self.expected_n(trainer, key)
+            if n is not None and old["n"] != n:
+                problems.append(f"{key}: {old['n']}:{old['m']} in the checkpoint, {n}:{sp.m} here")
+            if sp.frozen and not old["frozen"]:
+                problems.append(f"{key}: a dynamic mask in the checkpoint, a fixed mask here (mode='fixed')")
+        if problems:
+            raise RuntimeError(f"{name}: the checkpoint's N:M state does not match: {'; '.join(problems)}; {hint}")
 
 
 def _state_prefix(layer: SparseLayer) -> str:

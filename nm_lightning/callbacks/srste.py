@@ -145,6 +145,11 @@ class SRSTECallback(NMCallback):
         self._first_masks = state_dict.get("first_masks")
         self._prev_masks = state_dict.get("prev_masks")
 
+    def expected_n(self, trainer: pl.Trainer, name: str) -> int | None:
+        if any(type(cb).__name__ == "SparsityScheduler" for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            return None  # the scheduler moves N over time
+        return next(p.n for p in self.plans if p.name == name)
+
     def layer_nm(self) -> dict[str, tuple[int, int]]:
         """Current ``(n, m)`` of every attached layer."""
         return {k: (v.sparsity.n, v.sparsity.m) for k, v in self.layers.items()}
