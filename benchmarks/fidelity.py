@@ -10,7 +10,8 @@ to 0) and the same number of epochs; fine-tune arms start from the dense model o
 for that many epochs again. Arms: dense; STE (λ=0) and SR-STE at 2:4, 1:4, 2:16, 1:16 from scratch;
 fixed-mask fine-tuning (one-shot magnitude mask of the trained dense model) at 2:4 and 1:16; uniform 2:16
 SR-STE fine-tuning from the dense model; DominoSearch (model size 0.875 and FLOPs 0.875, M=16) from the dense
-model, then SR-STE fine-tuning with the found scheme from the same dense weights.
+model, then SR-STE fine-tuning with the found scheme from the same dense weights, for the fine-tune budget minus
+the search steps (search + fine-tune = the other fine-tunes' budget).
 
 λ (SR-STE decay) follows ``λ = c / (lr · steps)``; ``c`` is picked on a validation split carved from the
 training set (never the test split) by a small sweep at 1:16 on one seed with half the epochs.
@@ -101,11 +102,14 @@ def _model(cfg: dict[str, Any], **opt: Any) -> Any:
     return Classifier(net=cnn1d(channels=cfg["channels"], hidden=cfg["hidden"]), lr=opt.pop("lr", LR), **opt)
 
 
-def _trainer(cfg: dict[str, Any], callbacks: list[Any], epochs: int, root: Path, val: bool = False) -> Any:
+def _trainer(
+    cfg: dict[str, Any], callbacks: list[Any], epochs: int, root: Path, val: bool = False, max_steps: int = -1
+) -> Any:
     import lightning.pytorch as pl
 
     return pl.Trainer(
-        default_root_dir=str(root), max_epochs=epochs, callbacks=callbacks, accelerator="cpu", devices=1,
+        default_root_dir=str(root), max_epochs=epochs, max_steps=max_steps, callbacks=callbacks, accelerator="cpu",
+        devices=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=1.0 if val else 0, num_sanity_val_steps=0,
     )  # fmt: skip
@@ -174,9 +178,14 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         search_tr = _trainer(cfg, [search], cfg["search_max_epochs"], root)
         search_tr.fit(search_model, datamodule=dm)
         extra["search_steps"] = int(search_tr.global_step)
+        # equal budget: the search steps come out of the fine-tune (its cosine schedule and λ = c / (lr · steps)
+        # follow the steps that are left)
+        # (at least one epoch: a --quick run's search is longer than its whole fine-tune budget)
+        ft_steps = max(epochs * steps_per_epoch(cfg) - extra["search_steps"], steps_per_epoch(cfg))
+        extra["ft_steps"] = ft_steps
         cb = SRSTECallback(scheme=str(scheme_path), init_weights=str(scheme_path.with_suffix(".dense.pt")),
-                           decay=task["decay"], verbose=False, log_layers=False)  # fmt: skip
-        _trainer(cfg, [cb], epochs, root).fit(model, datamodule=dm)
+                           decay=task["c"] / (LR * ft_steps), verbose=False, log_layers=False)  # fmt: skip
+        _trainer(cfg, [cb], epochs, root, max_steps=ft_steps).fit(model, datamodule=dm)
         extra["scheme"] = {k: f"{n}:{m}" for k, (n, m) in cb.layer_nm().items()}
         from nm_lightning import scheme_stats
 
@@ -313,7 +322,8 @@ def report(cfg: dict[str, Any], sweep: list[dict[str, Any]], c_best: float, resu
         f"per arm (fine-tunes: {cfg['epochs']} more from the dense model of the same seed), SGD Nesterov momentum "
         f"0.9, lr {LR}, wd 5e-4, cosine; seeds {cfg['seeds']}; test accuracy mean ± std over seeds. "
         f"DominoSearch: paper's search recipe (SGD lr 0.01 constant, no momentum/wd), check_every=10, "
-        f"penalty_every=1, penalty=1.0, at most {cfg['search_max_epochs']} epochs. {cfg['workers']} worker "
+        f"penalty_every=1, penalty=1.0, at most {cfg['search_max_epochs']} epochs; its fine-tune gets the "
+        f"fine-tune budget minus the search steps. {cfg['workers']} worker "
         f"processes × 1 thread; torch {torch.__version__}; wall time {wall / 60:.1f} min.", "",
         "### λ (SR-STE decay) selection", "",
         f"Rule: λ = c / (lr · steps). Sweep: 1:16 from scratch, seed 0, {cfg['sweep_epochs']} epochs "
@@ -335,7 +345,8 @@ def report(cfg: dict[str, Any], sweep: list[dict[str, Any]], c_best: float, resu
             lines.append("")
             per_seed = ", ".join(f"{r['sparsity']:.3f}" for r in arms[arm]["runs"])
             lines.append(f"{arm}, seed {r0['seed']}: scheme {r0.get('scheme')}, FLOPs reduction "
-                         f"{r0.get('flops_reduction', 0):.3f}, search steps {r0.get('search_steps')}; "
+                         f"{r0.get('flops_reduction', 0):.3f}, search steps {r0.get('search_steps')}, fine-tune steps "
+                         f"{r0.get('ft_steps')} (others: {cfg['epochs'] * spe}); "
                          f"per seed sparsity {per_seed}")  # fmt: skip
     lines += ["", "### Claims", "", "| claim | paper | target | measured | result |", "|---|---|---|---|---|"]
 
