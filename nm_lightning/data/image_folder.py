@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from nm_lightning.data.base import SplitDataModule
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "IMG_EXTENSIONS"]
 
@@ -81,7 +82,7 @@ class ImageFolderDataset(Dataset):
         return x, label
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Your own images: ``root/train/<class>/*.png|jpg``, ``root/val/<class>/...`` and optionally ``root/test``.
 
     Images are read with Pillow, converted to RGB (or grayscale), resized to ``image_size`` and normalized
@@ -102,6 +103,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         val_dir: name of the validation folder under ``root``.
         test_dir: name of the test folder under ``root`` (used when it exists).
     """
+
+    train_set: ImageFolderDataset | None
+    val_set: ImageFolderDataset | None
+    test_set: ImageFolderDataset | None
 
     def __init__(
         self,
@@ -144,9 +149,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
         self.input_shape = (channels, *self.size)
         self.classes: list[str] = []
-        self.train_set: ImageFolderDataset | None = None
-        self.val_set: ImageFolderDataset | None = None
-        self.test_set: ImageFolderDataset | None = None
         self.save_hyperparameters()
 
     @property
@@ -168,18 +170,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.val_set = self._dataset(self.val_dir, train=False)
         test = self.test_dir if (self.root / self.test_dir).is_dir() else self.val_dir
         self.test_set = self._dataset(test, train=False)
-
-    def _loader(self, dataset: ImageFolderDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("ImageFolderDataModule: call setup() before asking for a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)

@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from nm_lightning.data.base import SplitDataModule
 
 __all__ = ["MNIST1DDataModule", "DEFAULT_DATA_DIR", "generate_mnist1d"]
 
@@ -57,7 +58,7 @@ def generate_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: in
     }
 
 
-class MNIST1DDataModule(pl.LightningDataModule):
+class MNIST1DDataModule(SplitDataModule):
     """MNIST-1D: 10 classes of 40-sample 1-D signals, batches of ``[B, 1, 40]`` float32 and ``[B]`` labels.
 
     The data are generated with ``mnist1d.data.make_dataset`` (no download) in :meth:`prepare_data` and
@@ -81,6 +82,10 @@ class MNIST1DDataModule(pl.LightningDataModule):
 
     num_classes = 10
     input_shape = (1, 40)
+
+    train_set: TensorDataset | None
+    val_set: TensorDataset | None
+    test_set: TensorDataset | None
 
     def __init__(
         self,
@@ -115,9 +120,6 @@ class MNIST1DDataModule(pl.LightningDataModule):
                 f"val_fraction={val_fraction} leaves an empty train, val or test set"
             )
         self.save_hyperparameters()
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     @property
     def generation_args(self) -> dict[str, Any]:
@@ -168,18 +170,3 @@ class MNIST1DDataModule(pl.LightningDataModule):
         self.train_set = TensorDataset(x[train_idx], y[train_idx])
         self.val_set = TensorDataset(x[val_idx], y[val_idx])
         self.test_set = TensorDataset(torch.from_numpy(data["x_test"]).unsqueeze(1), torch.from_numpy(data["y_test"]))
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("MNIST1DDataModule: call setup() before asking for a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
