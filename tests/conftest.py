@@ -73,3 +73,29 @@ def trainer_kwargs(tmp_path, **over):
 def tiny_net() -> TinyNet:
     pl.seed_everything(0, workers=True)
     return TinyNet()
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """compose(*overrides) -> the `nm-train` config, its outputs in ``tmp_path/run`` and data in
+    ``tmp_path/data``; Hydra's global state is cleared before and after."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from nm_lightning.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3")
+
+    def _compose(*overrides: str):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.data_dir = str(tmp_path / "data")
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

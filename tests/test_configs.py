@@ -11,10 +11,8 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from nm_lightning import SRSTECallback
 from nm_lightning.models import Classifier
@@ -28,21 +26,9 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.fixture
-def compose_cfg(tmp_path):
-    """compose(overrides) -> the train config with output paths in tmp_path; GlobalHydra cleared after."""
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3")
-
-    def _compose(*overrides: str):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "out")
-            cfg.paths.data_dir = str(tmp_path / "data")
-        return cfg
-
-    yield _compose
-    GlobalHydra.instance().clear()
+def compose_cfg(compose_train):
+    """compose(overrides) -> the train config with output paths in tmp_path."""
+    return compose_train
 
 
 def test_repo_conf_is_the_package_conf():

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from nm_lightning.masks import nm_mask
 from nm_lightning.models import cnn1d
 from nm_lightning.scheme import NMScheme
-from nm_lightning.train import CONFIG_DIR, run
+from nm_lightning.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.num_samples=300", "data.batch_size=32", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
@@ -29,20 +25,9 @@ TINY = ["data.num_samples=300", "data.batch_size=32", "trainer.max_epochs=2", "t
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path):
-    GlobalHydra.instance().clear()
-    initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3")
-
-    def _compose(*overrides: str):
-        cfg = compose("train", overrides=[*TINY, *overrides], return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.data_dir = str(tmp_path / "data")
-        return cfg
-
-    yield _compose
-    GlobalHydra.instance().clear()
+def tiny_cfg(compose_train):
+    """compose(overrides) on top of the tiny settings, outputs in tmp_path/run."""
+    return lambda *overrides: compose_train(*TINY, *overrides)
 
 
 @pytest.fixture(autouse=True)
