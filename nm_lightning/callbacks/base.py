@@ -52,7 +52,6 @@ class NMCallback(Callback):
         self.layers = {}
         self._model_params = 0
         self._table_shown = False
-        self._pending_stage: str | None = None
 
     @property
     def owner(self) -> str:
@@ -60,12 +59,11 @@ class NMCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if is_overridden("configure_model", pl_module):
-            self._pending_stage = stage  # its layers may not exist yet
-            self._attach_after_configure_model(trainer, pl_module)
+            self._attach_after_configure_model(trainer, pl_module, stage)  # its layers may not exist yet
         else:
             self._setup_now(trainer, pl_module, stage)
 
-    def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Run the attach right after the module's ``configure_model`` and before the strategy wraps the module.
 
         Registering a parametrization resets the Parameter's gradient accumulator (``set_``), so attaching after
@@ -77,19 +75,13 @@ class NMCallback(Callback):
         def configure_model() -> None:
             pl_module.__dict__.pop("configure_model", None)
             inner()
-            self._attach_pending(trainer, pl_module)
+            self._setup_now(trainer, pl_module, stage)
 
         pl_module.configure_model = configure_model  # type: ignore[method-assign]
 
     def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Plan and attach this callback's layers (called once the model is complete)."""
         raise NotImplementedError
-
-    def _attach_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Attach now if ``setup`` deferred it until after ``configure_model`` (a no-op otherwise)."""
-        if self._pending_stage is not None:
-            stage, self._pending_stage = self._pending_stage, None
-            self._setup_now(trainer, pl_module, stage)
 
     def _setup_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         example = pl_module.example_input_array

@@ -104,7 +104,6 @@ class DominoSearchCallback(NMCallback):
         # validate the targets and betas now, on an empty search
         DominoSearch({}, target_sparsity, target_flops, vote_ratio, beta_flops, erk_sparsity, tolerance)
         self.search: DominoSearch | None = None
-        self._pending_state: dict[str, Any] | None = None
         self._initialized = False
         self._finished = False
         self.scheme_path: Path | None = None

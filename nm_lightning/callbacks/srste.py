@@ -146,7 +146,9 @@ class SRSTECallback(NMCallback):
         self._prev_masks = state_dict.get("prev_masks")
 
     def expected_n(self, trainer: pl.Trainer, name: str) -> int | None:
-        if any(type(cb).__name__ == "SparsityScheduler" for cb in trainer.callbacks):  # type: ignore[attr-defined]
+        from nm_lightning.callbacks.scheduler import SparsityScheduler  # it imports this module
+
+        if any(isinstance(cb, SparsityScheduler) for cb in trainer.callbacks):  # type: ignore[attr-defined]
             return None  # the scheduler moves N over time
         return next(p.n for p in self.plans if p.name == name)
 
