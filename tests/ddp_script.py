@@ -76,6 +76,10 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
         "nm": {k: (v.sparsity.n, v.sparsity.m) for k, v in layers.items()},
     }
     torch.save(state, out / f"rank{trainer.global_rank}_of_{devices}.pt")
+    if torch.distributed.is_initialized():
+        # leave together: a rank exiting while the other still holds the gloo group can abort at interpreter exit
+        trainer.strategy.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
