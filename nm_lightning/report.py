@@ -10,8 +10,9 @@ from rich.table import Table
 
 from nm_lightning.search.domino import DominoSearch
 from nm_lightning.sparsify import LayerPlan
+from nm_lightning.state import NMLayerState
 
-__all__ = ["layer_table", "print_layer_table", "coverage", "print_scheme_table", "save_scheme_figure"]
+__all__ = ["layer_table", "print_layer_table", "coverage", "print_scheme_table", "save_scheme_figure", "table_title"]
 
 _STYLE = {"covered": "green", "skipped": "yellow", "excluded": "dim"}
 
@@ -57,9 +58,27 @@ def layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_p
         c = coverage(plans, total_params)
         table.caption = (
             f"covered {int(c['covered_params']):,} of {total_params:,} parameters ({c['covered_share']:.1%}); "
-            f"sparsity of covered weights {c['target_sparsity']:.1%}"
+            f"target sparsity of covered weights {c['target_sparsity']:.1%}"
         )
     return table
+
+
+def table_title(what: str, states: Sequence[NMLayerState]) -> str:
+    """``what`` plus what the run really starts with, read from the layers' states: one N:M or a mixed scheme,
+    and whether the layers start dense (a schedule) or elsewhere than their target."""
+    targets = sorted({(s.target_n, s.m) for s in states})
+    if len(targets) == 1:
+        target = f"target {targets[0][0]}:{targets[0][1]}"
+    else:
+        target = f"mixed N:M target ({len(targets)} patterns: {', '.join(f'{n}:{m}' for n, m in targets[:4])}"
+        target += ", ...)" if len(targets) > 4 else ")"
+    if states and all(s.n == s.m for s in states):
+        start = "starts dense (n = m), sparsified by a schedule"
+    elif any(s.n != s.target_n for s in states):
+        start = "starts at " + ", ".join(sorted({f"{s.n}:{s.m}" for s in states}))
+    else:
+        start = "from the first step"
+    return f"{what}: {target}, {start}"
 
 
 def print_layer_table(plans: Sequence[LayerPlan], title: str = "N:M sparsity", total_params: int | None = None) -> None:

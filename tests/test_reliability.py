@@ -59,12 +59,26 @@ def test_fit_compiled_model_without_per_step_recompiles(tmp_path, make, max_fram
             )
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
-def test_sharded_strategies_are_refused_at_setup(strategy):
-    fake = types.SimpleNamespace(strategy=type(strategy, (), {})())
+@pytest.mark.parametrize("base", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharded_strategies_are_refused_at_setup(base):
+    """Refused by type: a user's subclass of a sharded strategy (any name) is refused too."""
+    import lightning.pytorch.strategies as strategies
+
+    user_cls = type(f"My{base}", (getattr(strategies, base),), {})
+    fake = types.SimpleNamespace(strategy=user_cls.__new__(user_cls))  # no __init__: only its type matters
     for cb in (SRSTECallback(), DominoSearchCallback(target_sparsity=0.5, m=4)):
-        with pytest.raises(MisconfigurationException, match=rf"does not support {strategy} yet"):
+        with pytest.raises(MisconfigurationException, match=rf"does not support My{base} yet"):
             cb.setup(fake, TinyNet(), "fit")
+
+
+def test_a_strategy_named_like_a_sharded_one_is_judged_by_type():
+    """The old check compared class names; a DDP subclass that happens to be called "FSDPStrategy" is fine."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from nm_lightning.callbacks.base import check_strategy
+
+    lookalike = type("FSDPStrategy", (DDPStrategy,), {})
+    check_strategy(lookalike.__new__(lookalike), "SRSTECallback")  # no error
 
 
 def _fit_16_mixed(tmp_path, device: str, callbacks, scale: float) -> dict[str, torch.Tensor]:

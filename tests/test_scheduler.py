@@ -66,13 +66,14 @@ def test_cubic_schedule_drives_n_per_step(tmp_path):
 
     class Spy(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            seen[trainer.global_step - 1] = (pl_module.fc1.parametrizations.weight[0].n, srste.decay)
+            seen[trainer.global_step - 1] = (pl_module.fc1.parametrizations.weight[0].n, srste.current_decay())
 
     trainer, model = _fit(tmp_path, [srste, sched, Spy()], logger=logger, log_every_n_steps=1)
     for step, (n, lam) in seen.items():
         assert n == n_at(ramp_fraction(step, "cubic", 2, 10), 4, 1, 4), step
         assert lam == pytest.approx(decay_at(step, 0.01, "linear", 2, 10))
     assert seen[0][0] == 4 and seen[1][0] == 4 and seen[15][0] == 1  # dense warm-up, then the target
+    assert srste.decay == 0.01  # the scheduler supplies a factor; the callback's own λ is never overwritten
     assert [n for _, (n, _) in sorted(seen.items())] == sorted((n for n, _ in seen.values()), reverse=True)
     logged = dict(_rows(logger, "nm/schedule/density"))
     assert logged and min(logged.values()) == pytest.approx(0.25, abs=0.01)

@@ -1,5 +1,5 @@
 """What every N:M callback shares: attaching (in ``setup``, or after ``configure_model``), plain-key checkpoints,
-exact resume, logging."""
+exact and validated resume, the fit-start table, logging."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -16,23 +17,55 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parameter import is_lazy
 
 from nm_lightning.masks import Layout
-from nm_lightning.report import print_layer_table
+from nm_lightning.report import print_layer_table, table_title
 from nm_lightning.sparsify import (
     LayerPlan,
     SparseLayer,
+    as_patterns,
     attach,
     detach,
     materialize_lazy,
     plan_layers,
-    saved_nm_layers,
+    saved_states,
     sparse_layers,
     split_state_dict,
 )
+from nm_lightning.sparsify.state_dict import nm_keys
 
-__all__ = ["CHECKPOINT_KEY", "NMCallback"]
+__all__ = ["CHECKPOINT_KEY", "NMCallback", "check_strategy", "log_metrics", "selection_args"]
 
 CHECKPOINT_KEY = "nm_lightning"
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# strategies that shard or flatten parameters: an N:M group would straddle shards
+_SHARDED: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def check_strategy(strategy: Strategy, who: str) -> None:
+    """Refuse (by type, subclasses included) the strategies whose sharded parameters hide whole N:M groups."""
+    if isinstance(strategy, _SHARDED):
+        raise MisconfigurationException(
+            f"{who} does not support {type(strategy).__name__} yet (sharded parameters hide whole N:M groups); "
+            "use 'ddp', 'ddp_spawn' or a single device"
+        )
+
+
+def log_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
+    """Straight to the Trainer's loggers (allowed in every hook, unlike ``pl_module.log``).
+
+    Values must already be computed on every rank; this does no collective call, so it may run on rank 0 alone.
+    """
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(values), step=trainer.global_step)
+
+
+def selection_args(owner: str, include: Any, exclude: Any, include_types: Any, exclude_types: Any) -> dict[str, Any]:
+    """The layer-selection arguments, checked at construction (one string is one pattern)."""
+    return {
+        "include": as_patterns(include, f"{owner} include"),
+        "exclude": as_patterns(exclude, f"{owner} exclude"),
+        "include_types": as_patterns(include_types, f"{owner} include_types"),
+        "exclude_types": as_patterns(exclude_types, f"{owner} exclude_types"),
+    }
 
 
 class NMCallback(Callback):
@@ -51,13 +84,15 @@ class NMCallback(Callback):
         self.plans = []
         self.layers = {}
         self._model_params = 0
-        self._table_shown = False
+        self._show_table = False
+        self._title = "N:M sparsity"
 
     @property
     def owner(self) -> str:
         return self.state_key
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy, type(self).__name__)
         if is_overridden("configure_model", pl_module):
             self._attach_after_configure_model(trainer, pl_module, stage)  # its layers may not exist yet
         else:
@@ -100,44 +135,42 @@ class NMCallback(Callback):
         n: int,
         m: int,
         layout: Layout,
-        include: list[str] | None,
-        exclude: list[str] | None,
-        include_types: list[str] | None,
-        exclude_types: list[str] | None,
+        selection: Mapping[str, Any],
         scheme: Mapping[str, tuple[int, int]] | None = None,
         strict: bool = False,
         straight_through: bool = True,
         title: str = "N:M sparsity",
         verbose: bool = True,
     ) -> None:
-        """Plan and attach N:M to ``pl_module`` (idempotent across stages), report what was skipped and why."""
+        """Plan and attach N:M to ``pl_module`` (idempotent across stages), report what was skipped and why.
+
+        The table is printed at ``on_train_start``, once every callback has set the layers' current N (a schedule
+        starts dense), so its title says what the run really starts with.
+        """
         name = type(self).__name__
-        strategy = type(trainer.strategy).__name__
-        if strategy in _SHARDED:
-            raise MisconfigurationException(
-                f"{name} does not support {strategy} yet (sharded parameters hide whole N:M groups); "
-                "use 'ddp', 'ddp_spawn' or a single device"
-            )
-        self.plans = plan_layers(
-            pl_module, n, m, layout, include=include, exclude=exclude, include_types=include_types,
-            exclude_types=exclude_types, scheme=scheme, owner=self.owner,
-        )  # fmt: skip
+        self.plans = plan_layers(pl_module, n, m, layout, scheme=scheme, owner=self.owner, **selection)
         skipped = [p for p in self.plans if p.status == "skipped"]
         if skipped and strict:
             detail = "; ".join(f"{p.name}: {p.reason}" for p in skipped)
             raise MisconfigurationException(f"{name}(strict=True): layers cannot be made N:M: {detail}")
-        self.layers = attach(pl_module, self.plans, layout, owner=self.owner, straight_through=straight_through)
+        self.layers = attach(pl_module, self.plans, owner=self.owner, straight_through=straight_through)
         if not self.layers:
+            why = "; ".join(f"{p.name} ({p.type_name}): {p.reason}" for p in self.plans) or "the model has no weights"
             raise MisconfigurationException(
-                f"{name} found no layer to sparsify "
-                f"({len(skipped)} skipped, {sum(p.status == 'excluded' for p in self.plans)} excluded); "
+                f"{name} found no layer to sparsify ({len(skipped)} skipped, "
+                f"{sum(p.status == 'excluded' for p in self.plans)} excluded): {why[:2000]}; "
                 "check include/exclude/include_types/scheme"
             )
         for p in skipped:
             rank_zero_warn(f"{name}: {p.name} ({p.type_name} {p.shape}) stays dense: {p.reason}")
         self._model_params = sum(p.numel() for p in pl_module.parameters() if not is_lazy(p))
-        if stage == "fit" and verbose and not self._table_shown:
-            self._table_shown = True
+        self._title = title
+        self._show_table = self._show_table or (stage == "fit" and verbose)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._show_table:
+            self._show_table = False
+            title = table_title(self._title, [layer.state for layer in self.layers.values()])
             rank_zero_only(print_layer_table)(self.plans, title, self._model_params)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -152,12 +185,7 @@ class NMCallback(Callback):
             detach(pl_module, owner=self.owner)
             self.layers = {}
 
-    @staticmethod
-    def log_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
-        """Straight to the Trainer's loggers (allowed in every hook, unlike ``pl_module.log``)."""
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(dict(values), step=trainer.global_step)
+    log_metrics = staticmethod(log_metrics)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(
@@ -172,7 +200,7 @@ class NMCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Restore dense weights, masks and per-layer N:M of this callback's layers exactly."""
+        """Restore dense weights, masks and N:M states of this callback's layers exactly, after checking them."""
         entry = checkpoint.get(CHECKPOINT_KEY)
         name = type(self).__name__
         if entry is None:
@@ -181,57 +209,49 @@ class NMCallback(Callback):
                 "weights were loaded and masks recomputed from them"
             )
             return
-        if entry.get("version") != 1:
-            raise ValueError(f"unsupported nm_lightning checkpoint version {entry.get('version')!r}")
-        self._check_resume_matches(trainer, pl_module, saved_nm_layers(entry["state"]))
-        prefixes = tuple(_state_prefix(layer) for layer in self.layers.values())
-        mine = {k: v for k, v in entry["state"].items() if k.startswith(prefixes)}
-        result = pl_module.load_state_dict(mine, strict=False)
-        missing = [k for k in result.missing_keys if k.startswith(prefixes)]
+        if not isinstance(entry, Mapping) or entry.get("version") != 1 or not isinstance(entry.get("state"), Mapping):
+            raise ValueError(f"{name}: unsupported nm_lightning checkpoint entry (version {_version(entry)!r})")
+        self._check_resume_matches(pl_module, saved_states(entry["state"]))
+        keys = [k for layer in self.layers.values() for k in nm_keys(layer.fqn)[1:]]
+        missing = sorted({layer.name for layer in self.layers.values() for k in nm_keys(layer.fqn)[1:]
+                          if k not in entry["state"]})  # fmt: skip
         if missing:
-            layers = sorted({k.split(".parametrizations")[0] for k in missing})
             raise RuntimeError(
-                f"{name}: the checkpoint lacks N:M state for {layers}; was it written with the same layers sparsified?"
+                f"{name}: the checkpoint lacks N:M state for {missing}; was it written with the same layers sparsified?"
             )
+        pl_module.load_state_dict({k: entry["state"][k] for k in keys}, strict=False)
 
-
-    def expected_n(self, trainer: pl.Trainer, name: str) -> int | None:
-        """The N a resumed layer must have, or ``None`` when N legitimately changes during the run."""
-        return None
-
-    def _check_resume_matches(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, saved: Mapping[str, Mapping[str, Any]]
-    ) -> None:
+    def _check_resume_matches(self, pl_module: pl.LightningModule, saved: Mapping[str, Any]) -> None:
         """Refuse, naming layer and values, a checkpoint written with another N:M configuration.
 
         Loading it would silently switch layers to the checkpoint's N:M (or fail deep inside with a shape
-        error); to start a new run from its weights, load them as plain weights instead.
+        error); to start a new run from its weights, load them as plain weights instead. The current N may
+        differ (a schedule or a search moves it); the target, M, layout and mode may not.
         """
         name = type(self).__name__
         hint = (
             "resume with the configuration the checkpoint was written with, or start a new run from its weights "
             "(SRSTECallback(init_weights=...) or `Model.load_from_checkpoint`)"
         )
-        dense_here = sorted(set(saved) - set(sparse_layers(pl_module)))
+        here = {layer.fqn for layer in sparse_layers(pl_module).values()}
+        dense_here = sorted(saved[fqn].name for fqn in set(saved) - here)
         if dense_here:
             raise RuntimeError(f"{name}: the checkpoint has N:M state for {dense_here}, which are dense here; {hint}")
         problems = []
-        for key, layer in self.layers.items():
-            if key not in saved:
-                continue  # reported below as missing state
-            old, sp = saved[key], layer.sparsity
-            if (old["m"], old["layout"]) != (sp.m, sp.layout):
-                problems.append(f"{key}: m={old['m']}, layout={old['layout']!r} in the checkpoint, "
-                                f"m={sp.m}, layout={sp.layout!r} here")  # fmt: skip
-            n = self.expected_n(trainer, key)
-            if n is not None and old["n"] != n:
-                problems.append(f"{key}: {old['n']}:{old['m']} in the checkpoint, {n}:{sp.m} here")
-            if sp.frozen and not old["frozen"]:
-                problems.append(f"{key}: a dynamic mask in the checkpoint, a fixed mask here (mode='fixed')")
+        for layer in self.layers.values():
+            old, now = saved.get(layer.fqn), layer.state
+            if old is None:
+                continue  # reported as missing state
+            if (old.m, old.layout, old.input_dim) != (now.m, now.layout, now.input_dim):
+                problems.append(f"{layer.name}: m={old.m}, layout={old.layout!r} in the checkpoint, "
+                                f"m={now.m}, layout={now.layout!r} here")  # fmt: skip
+            if old.target_n != now.target_n:
+                problems.append(f"{layer.name}: {old.target_n}:{old.m} in the checkpoint, {now.target_n}:{now.m} here")
+            if now.frozen and not old.frozen:
+                problems.append(f"{layer.name}: a dynamic mask in the checkpoint, a fixed mask here (mode='fixed')")
         if problems:
             raise RuntimeError(f"{name}: the checkpoint's N:M state does not match: {'; '.join(problems)}; {hint}")
 
 
-def _state_prefix(layer: SparseLayer) -> str:
-    head = f"{layer.module_name}." if layer.module_name else ""
-    return f"{head}parametrizations.{layer.param_name}."
+def _version(entry: Any) -> Any:
+    return entry.get("version") if isinstance(entry, Mapping) else type(entry).__name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,11 +12,20 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from nm_lightning.accounting import measure_macs
-from nm_lightning.callbacks.base import NMCallback
+from nm_lightning.callbacks.base import NMCallback, selection_args
 from nm_lightning.report import print_scheme_table, save_scheme_figure
 from nm_lightning.scheme import NMScheme
-from nm_lightning.search.domino import DominoLayer, DominoSearch, group_thresholds, powers_of_two
+from nm_lightning.search.domino import DominoLayer, DominoSearch, checks_needed, group_thresholds, powers_of_two
 from nm_lightning.sparsify import plain_state_dict
+from nm_lightning.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_number,
+    check_path,
+    check_writable_dir,
+)
 
 __all__ = ["DominoSearchCallback"]
 
@@ -84,22 +94,33 @@ class DominoSearchCallback(NMCallback):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        for arg, value in (("check_every", check_every), ("penalty_every", penalty_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DominoSearchCallback {arg} must be an int >= 1, got {value!r}")
-        if not isinstance(penalty, (int, float)) or penalty < 0:
-            raise ValueError(f"DominoSearchCallback penalty must be >= 0, got {penalty!r}")
-        if Path(output).suffix not in (".txt", ".json", ".yaml", ".yml"):
-            raise ValueError(f"DominoSearchCallback output must end in .txt, .json, .yaml or .yml, got {output!r}")
+        who = "DominoSearchCallback"
+        # types here; the ranges of the targets, vote ratio and betas are the search core's (DominoSearch)
+        check_number(who, "target_sparsity", target_sparsity, optional=True)
+        check_number(who, "target_flops", target_flops, optional=True)
+        check_int(who, "m", m, minimum=1)
         powers_of_two(m)
+        check_number(who, "vote_ratio", vote_ratio)
+        check_int(who, "check_every", check_every, minimum=1)
+        check_int(who, "penalty_every", penalty_every, minimum=1)
+        check_number(who, "penalty", penalty, minimum=0.0)
+        check_number(who, "beta_flops", beta_flops, optional=True)
+        check_number(who, "erk_sparsity", erk_sparsity, minimum=0.0, maximum=1.0, optional=True)
+        check_int_list(who, "penalty_doubling", penalty_doubling, minimum=0)
+        check_number(who, "tolerance", tolerance, minimum=0.0, maximum=1.0)
+        if check_path(who, "output", output, optional=False).suffix not in (".txt", ".json", ".yaml", ".yml"):
+            raise ValueError(f"DominoSearchCallback output must end in .txt, .json, .yaml or .yml, got {output!r}")
+        for flag, value in (("save_dense", save_dense), ("strict", strict), ("plot", plot), ("verbose", verbose)):
+            check_bool(who, flag, value)
+        self.selection = selection_args(who, include, exclude, include_types, exclude_types)
         self.target_sparsity, self.target_flops = target_sparsity, target_flops
         self.m, self.vote_ratio, self.beta_flops, self.erk_sparsity = m, vote_ratio, beta_flops, erk_sparsity
         self.check_every, self.penalty_every, self.penalty = check_every, penalty_every, float(penalty)
         self.penalty_doubling = sorted(penalty_doubling if penalty_doubling is not None else _DOUBLING)
-        self.tolerance, self.output, self.save_dense = tolerance, output, save_dense
-        self.layout = layout
-        self.include, self.exclude = include, exclude
-        self.include_types, self.exclude_types = include_types, exclude_types
+        self.tolerance, self.output, self.save_dense = tolerance, str(output), save_dense
+        self.layout = check_choice(who, "layout", layout, ("input_channel", "flat"))
+        self.include, self.exclude = self.selection["include"], self.selection["exclude"]
+        self.include_types, self.exclude_types = self.selection["include_types"], self.selection["exclude_types"]
         self.strict, self.plot, self.verbose, self.name = strict, plot, verbose, name
         # validate the targets and betas now, on an empty search
         DominoSearch({}, target_sparsity, target_flops, vote_ratio, beta_flops, erk_sparsity, tolerance)
@@ -114,12 +135,16 @@ class DominoSearchCallback(NMCallback):
 
     def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         target = f"size {self.target_sparsity}" if self.target_sparsity is not None else f"FLOPs {self.target_flops}"
+        if stage == "fit":
+            check_writable_dir("DominoSearchCallback", "output", self._path(trainer, create=False).parent)
         self.attach_layers(
-            trainer, pl_module, stage, n=self.m, m=self.m, layout=self.layout, include=self.include,
-            exclude=self.exclude, include_types=self.include_types, exclude_types=self.exclude_types,
+            trainer, pl_module, stage, n=self.m, m=self.m, layout=self.layout, selection=self.selection,
             strict=self.strict, straight_through=False, verbose=self.verbose,
-            title=f"DominoSearch N:{self.m}, target {target}",
+            title=f"DominoSearch N:{self.m} ({target})",
         )  # fmt: skip
+        for layer in self.layers.values():
+            if layer.state.target_n == layer.state.m:  # a search may take any layer down to 1:M
+                layer.state.target_n = 1
         if self.search is None:
             layers = {
                 k: DominoLayer(m=self.m, params=v.original.numel(), macs=0.0, n_int=self.m, n_committed=self.m)
@@ -178,6 +203,26 @@ class DominoSearchCallback(NMCallback):
         """λ at optimizer step ``step``: doubled at every passed doubling point."""
         return self.penalty * 2 ** sum(step >= s for s in self.penalty_doubling)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn now when the training budget cannot reach the target (rather than finding nothing at the end)."""
+        if self._finished or self.search is None:
+            return
+        steps = trainer.estimated_stepping_batches
+        needed = checks_needed(self.search.target, self.m, self.tolerance)
+        if needed is None or not math.isfinite(steps):
+            return
+        done = sum(layer.m - layer.n_int for layer in self.search.layers.values()) if self._initialized else 0
+        available = math.ceil(max(0, int(steps) - trainer.global_step) / self.check_every)
+        if available < needed and done == 0:
+            what = "sparsity" if self.target_sparsity is not None else "FLOPs reduction"
+            rank_zero_warn(
+                f"DominoSearchCallback: the budget cannot reach the target: {what} {self.search.target} at m={self.m} "
+                f"needs at least {needed} vote rounds (N drops by one per round and only powers of two are committed),"
+                f" i.e. >= {needed * self.check_every} optimizer steps at check_every={self.check_every}, but this fit "
+                f"has {int(steps)} steps ({available} rounds). Raise max_steps/max_epochs or lower check_every; "
+                "otherwise the search ends with fewer commits than the target needs (possibly none)."
+            )
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -202,7 +247,7 @@ class DominoSearchCallback(NMCallback):
         if step % self.check_every == 0:
             changed = search.check({k: v.original for k, v in self.layers.items()}, self.layout, step)
             for name in changed:
-                self.layers[name].sparsity.set_nm(search.layers[name].n_int, self.m)
+                self.layers[name].state.set_n(search.layers[name].n_int)
             self.log_metrics(trainer, self.metrics(step))
             if search.done:
                 self._finish(trainer, pl_module, reached=True)
@@ -233,13 +278,14 @@ class DominoSearchCallback(NMCallback):
             )
             self._finish(trainer, pl_module, reached=False)
 
-    def _path(self, trainer: pl.Trainer, suffix: str | None = None) -> Path:
+    def _path(self, trainer: pl.Trainer, suffix: str | None = None, create: bool = True) -> Path:
         path = Path(self.output)
         if not path.is_absolute():
             path = Path(trainer.log_dir or trainer.default_root_dir) / path
         if suffix is not None:
             path = path.with_suffix(suffix)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reached: bool) -> None:

@@ -10,22 +10,28 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from nm_lightning.callbacks.base import NMCallback
-from nm_lightning.callbacks.srste import SRSTECallback
+from nm_lightning.callbacks.base import log_metrics
 from nm_lightning.schedules import decay_at, n_at, ramp_fraction, validate_schedule
 from nm_lightning.sparsify import SparseLayer, freeze_layers, sparse_layers
+from nm_lightning.validation import check_bool, check_choice, check_int, check_int_list, check_number
 
 __all__ = ["SparsityScheduler"]
 
 
 class SparsityScheduler(Callback):
-    """Drive the N:M layers of an :class:`SRSTECallback` (or any attached N:M layers) over time.
+    """Drive the N:M layers attached by an SR-STE callback (or :func:`nm_lightning.attach`) over time.
+
+    It works one way, on the layers' shared N:M state (as ``torch.ao.pruning``'s scheduler drives a sparsifier):
+    in ``setup`` (or at fit start, when the layers are built in ``configure_model``) it marks the layers it drives
+    (``state.driver``), then moves each layer's current ``n`` and its λ factor (``state.decay_scale``). It never
+    reads or writes another callback's attributes, and no callback imports it.
 
     Before ``start`` the layers are dense (N = M: a dense warm-up with the same parametrization); from
-    ``start`` to ``end`` each layer walks from M down to its own target N (the callback's ``n`` or its
-    per-layer scheme, e.g. a DominoSearch result) along the ``schedule`` shape; N never increases. The
-    SR-STE λ follows ``decay_schedule``. From ``freeze`` on the masks are fixed: pruned weights are zeroed
-    and get no gradient, so the model that ends training is the model that is exported.
+    ``start`` to ``end`` each layer walks from M down to its own target N (``state.target_n``: the callback's
+    ``n`` or its per-layer scheme, e.g. a DominoSearch result) along the ``schedule`` shape; N never increases.
+    The SR-STE λ is the callback's ``decay`` times the factor of ``decay_schedule``. From ``freeze`` on the
+    masks are fixed: pruned weights are zeroed and get no gradient, so the model that ends training is the
+    model that is exported.
 
     Changes happen only at the boundaries chosen by ``unit`` and ``update_every`` (in ``on_train_batch_start``
     for steps, ``on_train_epoch_start`` for epochs). Every distinct N is a new shape for ``torch.compile``
@@ -42,8 +48,9 @@ class SparsityScheduler(Callback):
         update_every: only change N every this many steps/epochs.
         levels: allowed intermediate N values (the target N is always allowed).
         decay_schedule: ``"constant"``, ``"linear"`` (ramp from ``decay_initial``) or ``"step"``.
-        decay_start, decay_end, decay_milestones, decay_factor, decay_initial: the λ schedule's knobs
-            (λ's final/base value is the SRSTECallback's ``decay``).
+        decay_start, decay_end, decay_milestones, decay_factor, decay_initial: the λ schedule's knobs, as a factor
+            on the SR-STE callback's ``decay`` (``decay_initial=0.1`` starts the ramp at a tenth of it; the
+            ``step`` schedule multiplies by ``decay_factor`` at each milestone).
         plot: write a plot of density and λ over time into the log dir at fit start.
     """
 
@@ -66,26 +73,22 @@ class SparsityScheduler(Callback):
         plot: bool = True,
     ) -> None:
         super().__init__()
-        if unit not in ("step", "epoch"):
-            raise ValueError(f"SparsityScheduler unit must be 'step' or 'epoch', got {unit!r}")
+        who = "SparsityScheduler"
+        check_choice(who, "unit", unit, ("step", "epoch"))
         validate_schedule(schedule, start, end, milestones)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"SparsityScheduler update_every must be an int >= 1, got {update_every!r}")
+        check_int(who, "update_every", update_every, minimum=1)
         reach = self._reach_time(schedule, start, end, milestones)
-        if freeze is not None:
-            if isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0:
-                raise ValueError(f"SparsityScheduler freeze must be an int >= 0 or None, got {freeze!r}")
-            if freeze < reach:
-                raise ValueError(
-                    f"SparsityScheduler freeze={freeze} comes before the target is reached at {reach}: "
-                    "a fixed mask could not become sparser"
-                )
-        if levels is not None and any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in levels):
-            raise ValueError(f"SparsityScheduler levels must be ints >= 1, got {levels}")
-        if decay_schedule not in ("constant", "linear", "step"):
+        check_int(who, "freeze", freeze, minimum=0, optional=True)
+        if freeze is not None and freeze < reach:
             raise ValueError(
-                f"SparsityScheduler decay_schedule must be 'constant', 'linear' or 'step', got {decay_schedule!r}"
+                f"SparsityScheduler freeze={freeze} comes before the target is reached at {reach}: "
+                "a fixed mask could not become sparser"
             )
+        check_int_list(who, "levels", levels, minimum=1)
+        check_choice(who, "decay_schedule", decay_schedule, ("constant", "linear", "step"))
+        check_number(who, "decay_factor", decay_factor, minimum=0.0)
+        check_number(who, "decay_initial", decay_initial, minimum=0.0)
+        check_bool(who, "plot", plot)
         d_start = start if decay_start is None else decay_start
         d_end = (end if end is not None else reach) if decay_end is None else decay_end
         if decay_schedule == "linear":
@@ -97,10 +100,7 @@ class SparsityScheduler(Callback):
         self.decay_schedule, self.decay_start, self.decay_end = decay_schedule, d_start, d_end
         self.decay_milestones, self.decay_factor, self.decay_initial = decay_milestones, decay_factor, decay_initial
         self.plot = plot
-        self.targets: dict[str, tuple[int, int]] = {}
-        self.srste: SRSTECallback | None = None
         self.layers: dict[str, SparseLayer] = {}
-        self._base_decay = 0.0
         self._plotted = False
 
     @staticmethod
@@ -110,36 +110,44 @@ class SparsityScheduler(Callback):
         return start if schedule == "constant" else int(end or 0)
 
     # ------------------------------------------------------------------ wiring
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """All callbacks' ``setup`` ran: find the N:M layers, their targets, and validate them."""
-        found = [cb for cb in trainer.callbacks if isinstance(cb, SRSTECallback)]  # type: ignore[attr-defined]
-        if len(found) > 1:
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Mark the layers this scheduler drives (when they exist already; else at fit start)."""
+        if stage == "fit":
+            self._wire(pl_module)
+
+    def _wire(self, pl_module: pl.LightningModule) -> None:
+        # layers trained with the straight-through rule (SR-STE/STE); a DominoSearch drives its own
+        self.layers = {k: v for k, v in sparse_layers(pl_module).items() if v.state.straight_through}
+        owners = sorted({str(v.state.owner) for v in self.layers.values() if v.state.owner is not None})
+        if len(owners) > 1:
             raise MisconfigurationException(
-                "SparsityScheduler drives one SRSTECallback; found several "
-                f"({[cb.state_key for cb in found]}): use one callback with a per-layer scheme"
+                f"SparsityScheduler drives one SR-STE callback; found several ({owners}): use one callback with a "
+                "per-layer scheme"
             )
-        if found:
-            self.srste = found[0]
-            if self.srste.mode == "fixed" or self.srste.freeze_at_step is not None:
-                raise MisconfigurationException(
-                    "SparsityScheduler decides when masks become fixed (its `freeze` argument): use "
-                    "SRSTECallback(mode='dynamic', freeze_at_step=None) with it"
-                )
-            self.layers = dict(self.srste.layers)
-            self.targets = {p.name: (p.n, p.m) for p in self.srste.plans if p.status == "covered"}
-            self._base_decay = self.srste.decay
-        else:
-            self.layers = sparse_layers(pl_module)
-            if not self.targets:  # restored from a checkpoint otherwise
-                self.targets = {k: (v.sparsity.n, v.sparsity.m) for k, v in self.layers.items()}
+        for layer in self.layers.values():
+            if layer.state.driver not in (None, self.name):
+                raise MisconfigurationException(f"layer {layer.name} is already driven by {layer.state.driver}")
+            layer.state.driver = self.name
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """All callbacks' ``setup`` and the module's ``configure_model`` ran: wire, validate, apply time 0."""
+        self._wire(pl_module)
         if not self.layers:
             raise MisconfigurationException(
                 "SparsityScheduler found no N:M layers: add an SRSTECallback to the Trainer (or attach N:M "
                 "to the model with nm_lightning.attach) before fitting"
             )
-        for name, (n, m) in self.targets.items():
-            if n == m:
-                raise MisconfigurationException(f"SparsityScheduler: layer {name} targets {n}:{m}, which is dense")
+        for name, layer in self.layers.items():
+            n, m = layer.state.target_n, layer.state.m
+            if layer.state.frozen and n != m:
+                raise MisconfigurationException(
+                    f"SparsityScheduler decides when masks become fixed (its `freeze` argument), but layer {name} is "
+                    "fixed already: use SRSTECallback(mode='dynamic', freeze_at_step=None) with it"
+                )
             bad = [x for x in self.levels or [] if not n <= x <= m]
             if bad:
                 raise MisconfigurationException(
@@ -151,6 +159,13 @@ class SparsityScheduler(Callback):
             self._plotted = True
             rank_zero_only(self._save_plot)(trainer)
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Hand the layers back: the λ factor returns to 1 and nothing is marked as driven any more."""
+        for layer in self.layers.values():
+            layer.state.decay_scale = 1.0
+            if layer.state.driver == self.name:
+                layer.state.driver = None
+
     def _now(self, trainer: pl.Trainer) -> int:
         return trainer.global_step if self.unit == "step" else trainer.current_epoch
 
@@ -160,32 +175,34 @@ class SparsityScheduler(Callback):
 
     def n_at(self, name: str, t: int) -> int:
         """The scheduled N of layer ``name`` at time ``t`` (only boundaries of ``update_every`` count)."""
-        n, m = self.targets[name]
+        state = self.layers[name].state
+        n, m = state.target_n, state.m
         t_eff = t - (t % self.update_every) if t >= self.start else t
         return n_at(self.fraction(t_eff), m, n, m, self.levels)
 
     def decay_at(self, t: int) -> float:
+        """The factor on the SR-STE λ at time ``t``."""
         return decay_at(
-            t, self._base_decay, self.decay_schedule, self.decay_start, self.decay_end,  # type: ignore[arg-type]
+            t, 1.0, self.decay_schedule, self.decay_start, self.decay_end,  # type: ignore[arg-type]
             self.decay_milestones, self.decay_factor, self.decay_initial,
         )  # fmt: skip
 
     def density_at(self, t: int) -> float:
-        total = sum(self.layers[k].original.numel() for k in self.targets)
-        kept = sum(self.layers[k].original.numel() * self.n_at(k, t) / m for k, (_, m) in self.targets.items())
+        total = sum(layer.original.numel() for layer in self.layers.values())
+        kept = sum(layer.original.numel() * self.n_at(k, t) / layer.state.m for k, layer in self.layers.items())
         return kept / total if total else 1.0
 
     def _apply(self, trainer: pl.Trainer, t: int, force: bool = False) -> None:
         changed = {}
+        factor = self.decay_at(t)
         for name, layer in self.layers.items():
-            if name not in self.targets or layer.sparsity.frozen:
+            layer.state.decay_scale = factor
+            if layer.state.frozen:
                 continue
             n = self.n_at(name, t)
-            if n != layer.sparsity.n:
-                layer.sparsity.set_nm(n, layer.sparsity.m)
+            if n != layer.state.n:
+                layer.state.set_n(n)
                 changed[name] = n
-        if self.srste is not None:
-            self.srste.decay = self.decay_at(t)
         if (
             self.freeze_at is not None
             and t >= self.freeze_at
@@ -194,11 +211,10 @@ class SparsityScheduler(Callback):
             freeze_layers(self.layers.values(), trainer.optimizers)
             rank_zero_info(f"SparsityScheduler: masks fixed at {self.unit} {t}")
         if changed or force:
-            values = {"nm/schedule/density": self.density_at(t), "nm/schedule/fraction": self.fraction(t)}
-            if self.srste is not None:
-                values["nm/schedule/lambda"] = self.srste.decay
-            values.update({f"nm/layer/{k}/n": float(v.sparsity.n) for k, v in self.layers.items()})
-            NMCallback.log_metrics(trainer, values)
+            values = {"nm/schedule/density": self.density_at(t), "nm/schedule/fraction": self.fraction(t),
+                      "nm/schedule/decay_factor": factor}  # fmt: skip
+            values.update({f"nm/layer/{k}/n": float(v.state.n) for k, v in self.layers.items()})
+            log_metrics(trainer, values)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -212,12 +228,12 @@ class SparsityScheduler(Callback):
 
     # ------------------------------------------------------------------ state and plot
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "targets": {k: list(v) for k, v in self.targets.items()}}
+        # everything it needs lives in the layers' N:M states (in the checkpoint) or is a function of time
+        return {"version": 2}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != 1:
+        if state_dict.get("version") not in (1, 2):
             raise ValueError(f"unsupported SparsityScheduler state version {state_dict.get('version')!r}")
-        self.targets = {k: (int(v[0]), int(v[1])) for k, v in state_dict["targets"].items()}
 
     def _horizon(self, trainer: pl.Trainer) -> int:
         reach = self._reach_time(self.schedule, self.start, self.end, self.milestones)
@@ -245,11 +261,10 @@ class SparsityScheduler(Callback):
         ax.set_ylim(0, 1.05)
         if self.freeze_at is not None:
             ax.axvline(self.freeze_at, color="gray", linestyle="--", label="masks fixed")
-        if self.srste is not None:
-            ax2 = ax.twinx()
-            ax2.plot(ts, [self.decay_at(t) for t in ts], color="tab:red", label="λ (SR-STE decay)")
-            ax2.set_ylabel("λ")
-            ax2.legend(loc="upper center")
+        ax2 = ax.twinx()
+        ax2.plot(ts, [self.decay_at(t) for t in ts], color="tab:red", label="λ factor (× SR-STE decay)")
+        ax2.set_ylabel("λ / decay")
+        ax2.legend(loc="upper center")
         ax.legend(loc="upper right")
         ax.set_title(f"SparsityScheduler: {self.schedule} from {self.start} to {self.end or self.milestones}")
         fig.tight_layout()

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from nm_lightning.callbacks.base import NMCallback
+from nm_lightning.callbacks.base import NMCallback, selection_args
+from nm_lightning.export.artifacts import FORMATS, check_formats, export_artifacts
 from nm_lightning.masks import validate_nm
-from nm_lightning.metrics import MaskFlipRate, mask_flips, nonzero_count
+from nm_lightning.metrics import mask_flips, nonzero_count
 from nm_lightning.report import coverage
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import freeze_layers, load_plain_weights
 from nm_lightning.srste import add_decay_, recompute_masked_weights
+from nm_lightning.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_path,
+    check_writable_dir,
+)
 
 __all__ = ["SRSTECallback"]
 
@@ -74,10 +85,10 @@ class SRSTECallback(NMCallback):
         m: int = 4,
         decay: float = 2e-4,
         layout: Literal["input_channel", "flat"] = "input_channel",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_types: list[str] | None = None,
-        exclude_types: list[str] | None = None,
+        include: list[str] | str | None = None,
+        exclude: list[str] | str | None = None,
+        include_types: list[str] | str | None = None,
+        exclude_types: list[str] | str | None = None,
         scheme: dict[str, tuple[int, int]] | str | None = None,
         mode: Literal["dynamic", "fixed"] = "dynamic",
         freeze_at_step: int | None = None,
@@ -91,37 +102,42 @@ class SRSTECallback(NMCallback):
         recompute_masked: bool = True,
     ) -> None:
         super().__init__()
+        who = "SRSTECallback"
+        # the request: read once, when the layers' N:M states are created (they own n from then on)
         self.n, self.m, self.layout = validate_nm(n, m, layout)
-        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or decay < 0 or decay != decay:
-            raise ValueError(f"SRSTECallback decay must be a float >= 0, got {decay!r}")
-        if mode not in ("dynamic", "fixed"):
-            raise ValueError(f"SRSTECallback mode must be 'dynamic' or 'fixed', got {mode!r}")
-        if freeze_at_step is not None and (
-            isinstance(freeze_at_step, bool) or not isinstance(freeze_at_step, int) or freeze_at_step < 0
-        ):
-            raise ValueError(f"SRSTECallback freeze_at_step must be an int >= 0 or None, got {freeze_at_step!r}")
-        self.decay = float(decay)
-        self.include, self.exclude = include, exclude
-        self.include_types, self.exclude_types = include_types, exclude_types
-        self.scheme_arg = scheme
-        if isinstance(scheme, (str, Path)) and not Path(scheme).is_file():
-            raise FileNotFoundError(f"SRSTECallback scheme file not found: {scheme}")
-        # a file is read in setup: the DominoSearch format needs the model to map its names
-        self.scheme = None if scheme is None or isinstance(scheme, (str, Path)) else NMScheme(scheme)
-        self.mode = mode
-        self.freeze_at_step = freeze_at_step
-        self.strict = strict
-        self.log_layers = log_layers
-        self.verbose = verbose
+        self.decay = check_number(who, "decay", decay, minimum=0.0)
+        self.mode = check_choice(who, "mode", mode, ("dynamic", "fixed"))
+        self.freeze_at_step = check_int(who, "freeze_at_step", freeze_at_step, minimum=0, optional=True)
+        self.strict = check_bool(who, "strict", strict)
+        self.log_layers = check_bool(who, "log_layers", log_layers)
+        self.verbose = check_bool(who, "verbose", verbose)
+        self.recompute_masked = check_bool(who, "recompute_masked", recompute_masked)
+        self.selection = selection_args(who, include, exclude, include_types, exclude_types)
+        self.include, self.exclude = self.selection["include"], self.selection["exclude"]
+        self.include_types, self.exclude_types = self.selection["include_types"], self.selection["exclude_types"]
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{who} name must be a string or None, got {name!r}")
         self.name = name
+        self.scheme_arg = scheme
+        self.scheme: NMScheme | None = None
+        if isinstance(scheme, (str, Path)):
+            if not Path(scheme).is_file():
+                raise FileNotFoundError(f"{who} scheme file not found: {scheme}")
+            # a file is read in setup: the DominoSearch format needs the model to map its names
+        elif isinstance(scheme, Mapping):
+            self.scheme = NMScheme(scheme)
+        elif scheme is not None:
+            raise TypeError(
+                f"{who} scheme must be a mapping {{layer: (n, m)}} or a scheme file path (JSON, YAML or DominoSearch "
+                f"text), got {scheme!r} ({type(scheme).__name__})"
+            )
+        init = check_path(who, "init_weights", init_weights)
+        if init is not None and not init.is_file():
+            raise FileNotFoundError(f"{who} init_weights file not found: {init}")
         self.init_weights = init_weights
-        self.export_dir, self.export_formats = export_dir, export_formats
-        self.recompute_masked = recompute_masked
+        self.export_dir = check_path(who, "export_dir", export_dir)
+        self.export_formats = None if export_formats is None else check_formats(export_formats)
         self._saved_hooks: Any = None
-        if export_formats is not None:
-            from nm_lightning.export.artifacts import check_formats
-
-            check_formats(export_formats)
         self._first_masks: dict[str, torch.Tensor] | None = None
         self._prev_masks: dict[str, torch.Tensor] | None = None
         self._last_step = -1
@@ -132,54 +148,48 @@ class SRSTECallback(NMCallback):
         return self._generate_state_key(name=self.name, include=self.include, exclude=self.exclude)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "first_masks": self._first_masks,
-            "prev_masks": self._prev_masks,
-            "scheme": {k: list(v) for k, v in self.layer_nm().items()},
-        }
+        return {"version": 2, "first_masks": self._first_masks, "prev_masks": self._prev_masks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("version") != 1:
+        if state_dict.get("version") not in (1, 2):
             raise ValueError(f"unsupported SRSTECallback state version {state_dict.get('version')!r}")
         self._first_masks = state_dict.get("first_masks")
         self._prev_masks = state_dict.get("prev_masks")
 
-    def expected_n(self, trainer: pl.Trainer, name: str) -> int | None:
-        from nm_lightning.callbacks.scheduler import SparsityScheduler  # it imports this module
-
-        if any(isinstance(cb, SparsityScheduler) for cb in trainer.callbacks):  # type: ignore[attr-defined]
-            return None  # the scheduler moves N over time
-        return next(p.n for p in self.plans if p.name == name)
-
     def layer_nm(self) -> dict[str, tuple[int, int]]:
-        """Current ``(n, m)`` of every attached layer."""
-        return {k: (v.sparsity.n, v.sparsity.m) for k, v in self.layers.items()}
+        """Current ``(n, m)`` of every attached layer (read from the layers' states)."""
+        return {k: (v.state.n, v.state.m) for k, v in self.layers.items()}
+
+    def current_decay(self) -> float:
+        """The λ the next optimizer step applies: ``decay`` times the layers' schedule factor (1 without one)."""
+        scales = {layer.state.decay_scale for layer in self.layers.values()} or {1.0}
+        return self.decay * max(scales)
 
     # ------------------------------------------------------------------ attach
     def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.export_dir is not None:
+            check_writable_dir("SRSTECallback", "export_dir", self._export_path(trainer))
         if self.init_weights is not None and stage == "fit" and not self.layers:
             load_plain_weights(pl_module, self.init_weights)
         if isinstance(self.scheme_arg, (str, Path)) and self.scheme is None:
             self.scheme = NMScheme.load(self.scheme_arg, model=pl_module)
         self.attach_layers(
-            trainer, pl_module, stage, n=self.n, m=self.m, layout=self.layout, include=self.include,
-            exclude=self.exclude, include_types=self.include_types, exclude_types=self.exclude_types,
+            trainer, pl_module, stage, n=self.n, m=self.m, layout=self.layout, selection=self.selection,
             scheme=self.scheme, strict=self.strict, verbose=self.verbose,
-            title=f"SR-STE {self.n}:{self.m} (λ={self.decay:g}, {self.mode} mask)",
+            title=f"SR-STE (λ={self.decay:g}, {self.mode} mask)",
         )  # fmt: skip
         if self.mode == "fixed":
             self.freeze()
 
+    def _export_path(self, trainer: pl.Trainer) -> Path:
+        assert self.export_dir is not None
+        out = self.export_dir
+        return out if out.is_absolute() else Path(trainer.log_dir or trainer.default_root_dir) / out
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is None:
             return
-        from nm_lightning.export.artifacts import FORMATS, export_artifacts
-
-        out = Path(self.export_dir)
-        if not out.is_absolute():
-            out = Path(trainer.log_dir or trainer.default_root_dir) / out
-        export_artifacts(trainer, pl_module, out, self.export_formats or FORMATS)
+        export_artifacts(trainer, pl_module, self._export_path(trainer), self.export_formats or FORMATS)
 
     # ------------------------------------------------------------------ mask freeze
     def freeze(self, trainer: pl.Trainer | None = None) -> None:
@@ -194,6 +204,15 @@ class SRSTECallback(NMCallback):
     @property
     def frozen(self) -> bool:
         return bool(self.layers) and all(layer.sparsity.frozen for layer in self.layers.values())
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        driven = sorted({layer.state.driver for layer in self.layers.values() if layer.state.driver})
+        if driven and (self.mode == "fixed" or self.freeze_at_step is not None):
+            raise MisconfigurationException(
+                f"{', '.join(driven)} decides when masks become fixed (its `freeze` argument): use "
+                "SRSTECallback(mode='dynamic', freeze_at_step=None) with it"
+            )
+        super().on_train_start(trainer, pl_module)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -213,9 +232,9 @@ class SRSTECallback(NMCallback):
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for layer in self.layers.values():
             w = layer.original
-            if layer.sparsity.frozen or w.grad is None or id(w) not in in_opt:
+            if layer.state.frozen or w.grad is None or id(w) not in in_opt:
                 continue
-            add_decay_(w.grad, w, layer.sparsity.mask, self.decay)
+            add_decay_(w.grad, w, layer.sparsity.mask, self.decay * layer.state.decay_scale)
 
     def _leave_saved_hooks(self) -> None:
         if self._saved_hooks is not None:
@@ -247,33 +266,34 @@ class SRSTECallback(NMCallback):
 
     # ------------------------------------------------------------------ telemetry
     def metrics(self) -> dict[str, float]:
-        """Current sparsity and flip-rate metrics (the values logged under ``nm/``)."""
+        """Current sparsity, flip-rate and λ metrics (the values logged under ``nm/``).
+
+        Local counts only (no collective call): every rank holds the same masks, and this runs on rank 0 alone.
+        """
         out: dict[str, float] = {}
         nnz = total = 0
-        flip_prev, flip_first = MaskFlipRate(), MaskFlipRate()
+        flips = {"flip_rate": 0, "flip_rate_since_start": 0}
         for name, layer in self.layers.items():
             mask = layer.sparsity.mask.detach().cpu()
-            w = layer.original.detach().cpu()
-            layer_nnz, numel = nonzero_count(w, mask), mask.numel()
+            layer_nnz, numel = nonzero_count(layer.original.detach().cpu(), mask), mask.numel()
             nnz, total = nnz + layer_nnz, total + numel
             if self.log_layers:
                 out[f"nm/layer/{name}/sparsity"] = 1.0 - layer_nnz / numel
-                out[f"nm/layer/{name}/n"] = float(layer.sparsity.n)
-            for store, metric, key in (
-                (self._prev_masks, flip_prev, "flip_rate"),
-                (self._first_masks, flip_first, "flip_rate_since_start"),
-            ):
+                out[f"nm/layer/{name}/n"] = float(layer.state.n)
+            for store, key in ((self._prev_masks, "flip_rate"), (self._first_masks, "flip_rate_since_start")):
                 if store is not None and name in store:
-                    metric.update(store[name], mask)
+                    changed = mask_flips(store[name], mask)
+                    flips[key] += changed
                     if self.log_layers:
-                        out[f"nm/layer/{name}/{key}"] = mask_flips(store[name], mask) / numel
+                        out[f"nm/layer/{name}/{key}"] = changed / numel
         out["nm/sparsity"] = 1.0 - nnz / total if total else 0.0
         out["nm/covered_share"] = coverage(self.plans, self._model_params)["covered_share"]
         if self._prev_masks is not None:
-            out["nm/flip_rate"] = float(flip_prev.compute())
+            out["nm/flip_rate"] = flips["flip_rate"] / max(1, total)
         if self._first_masks is not None:
-            out["nm/flip_rate_since_start"] = float(flip_first.compute())
+            out["nm/flip_rate_since_start"] = flips["flip_rate_since_start"] / max(1, total)
         out["nm/frozen"] = float(self.frozen)
+        out["nm/lambda"] = self.current_decay()
         return out
 
     def _log(self, trainer: pl.Trainer) -> None:

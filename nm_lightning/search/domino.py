@@ -30,6 +30,7 @@ __all__ = [
     "vote",
     "penalty_factors",
     "powers_of_two",
+    "checks_needed",
 ]
 
 
@@ -38,6 +39,21 @@ def powers_of_two(m: int) -> list[int]:
     if m < 1 or m & (m - 1):
         raise ValueError(f"DominoSearch needs m to be a power of two (candidates are 1, 2, 4, ..., m), got m={m}")
     return [2**k for k in range(int(math.log2(m)) + 1)]
+
+
+def checks_needed(target: float, m: int, tolerance: float = 0.0) -> int | None:
+    """The fewest vote rounds (checks) after which a target (sparsity or FLOPs reduction) can be met at group size
+    ``m``, or ``None`` if it cannot be met at all.
+
+    A round lowers a layer's intermediate N by at most one, and only powers of two are committed, so after ``k``
+    rounds every layer keeps at least ``2^ceil(log2(m - k))`` of ``m``: both the size and the FLOPs reduction are at
+    most ``1 - that / m``. A lower bound: real searches need more rounds (not every group votes every time).
+    """
+    for k in range(m):
+        n = 1 << max(0, (m - k - 1).bit_length())  # the smallest power of two >= m - k
+        if 1.0 - n / m >= target - tolerance:
+            return k
+    return None
 
 
 def _groups(weight: torch.Tensor, m: int, layout: Layout) -> torch.Tensor:
@@ -149,7 +165,6 @@ class DominoSearch:
     erk_target: float | None = None
     tolerance: float = 1e-3
     erk: dict[str, float] = field(default_factory=dict)
-    eta: dict[str, float] = field(default_factory=dict)
     done: bool = False
     commits: list[tuple[int, str, int]] = field(default_factory=list)
 
@@ -193,8 +208,7 @@ class DominoSearch:
 
     def update_eta(self) -> None:
         assert self.beta_flops is not None
-        self.eta = penalty_factors(self.layers, self.erk, self.beta_flops, self.beta_erk)
-        for k, v in self.eta.items():
+        for k, v in penalty_factors(self.layers, self.erk, self.beta_flops, self.beta_erk).items():
             self.layers[k].eta = v
 
     def sparsity(self) -> float:
@@ -272,6 +286,5 @@ class DominoSearch:
             layer.n_int, layer.n_committed, layer.eta = int(v["n_int"]), int(v["n_committed"]), float(v["eta"])
             layer.thresholds, layer.macs = v["thresholds"], float(v["macs"])
         self.erk = dict(state["erk"])
-        self.eta = {k: v.eta for k, v in self.layers.items()}
         self.done = bool(state["done"])
         self.commits = [tuple(c) for c in state["commits"]]  # type: ignore[misc]

@@ -1,0 +1,235 @@
+"""The N:M parametrization ``W -> W ⊙ E`` and attaching/detaching it (no Lightning).
+
+Mechanism: a ``torch.nn.utils.parametrize`` parametrization (:class:`NMSparsity`) on the weight. It keeps the
+*same* ``Parameter`` object (as ``parametrizations.<param>.original``), so optimizers and DDP hooks built before
+or after attaching stay valid, and every read of ``module.weight`` — including direct reads such as
+``nn.MultiheadAttention`` reading ``out_proj.weight`` — returns the masked weight.
+
+The parametrization holds the layer's :class:`~nm_lightning.state.NMLayerState` (the one record of its N:M) and
+a bool ``mask`` buffer; the state is its extra state, so it travels with ``state_dict``/``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from nm_lightning.masks import nm_mask
+from nm_lightning.sparsify.state_dict import accept_plain, check_mask
+from nm_lightning.srste import fixed_mask, ste_nm, tag_masked_weight
+from nm_lightning.state import NMLayerState, fqn_of, layer_name
+
+__all__ = [
+    "NMSparsity",
+    "SparseLayer",
+    "attach_state",
+    "detach",
+    "freeze_layers",
+    "get_param",
+    "nm_state",
+    "our_parametrization",
+    "sparse_layers",
+]
+
+
+class NMSparsity(nn.Module):
+    """Parametrization ``W -> W ⊙ E`` with ``E`` the N:M mask of the layer's :class:`NMLayerState`.
+
+    Dynamic mode (SR-STE/STE): ``E`` is recomputed from ``W`` on every forward and the gradient passes
+    straight through to all of ``W``. Fixed mode (``state.frozen``, after :meth:`freeze`): ``E`` is the stored
+    mask, the pruned weights are zero and receive no gradient.
+    """
+
+    def __init__(self, state: NMLayerState) -> None:
+        super().__init__()
+        if not isinstance(state, NMLayerState):
+            raise TypeError(f"NMSparsity needs an NMLayerState, got {type(state).__name__}")
+        self.state = state
+        self.register_buffer("mask", torch.ones(state.shape, dtype=torch.bool))
+        self.mask: torch.Tensor
+
+    # read-only views of the state (the state is the one owner)
+    n = property(lambda self: self.state.n, doc="current N (``state.n``)")
+    m = property(lambda self: self.state.m, doc="group size (``state.m``)")
+    layout = property(lambda self: self.state.layout, doc="grouping (``state.layout``)")
+    frozen = property(lambda self: self.state.frozen, doc="fixed mask (``state.frozen``)")
+    straight_through = property(lambda self: self.state.straight_through, doc="``state.straight_through``")
+
+    def extra_repr(self) -> str:
+        s = self.state
+        return f"{s.n}:{s.m}, layout={s.layout!r}, frozen={s.frozen}, straight_through={s.straight_through}"
+
+    def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The N:M mask of ``weight`` at the current N (ignores the stored mask)."""
+        return nm_mask(weight, self.state.n, self.state.m, self.state.layout)
+
+    def current_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mask the next forward would use: the fixed mask, or the one computed from ``weight``."""
+        return self.mask if self.state.frozen else self.compute_mask(weight)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        s = self.state
+        if s.frozen:  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly in backward
+            out, mask = fixed_mask(weight, self.mask), self.mask
+        elif s.straight_through:
+            out, mask = ste_nm(weight, s.n, s.m, s.layout)
+        else:  # the DominoSearch rule: pruned weights get no gradient
+            mask = self.compute_mask(weight)
+            out = fixed_mask(weight, mask)
+        if (s.frozen or s.straight_through) and not torch.compiler.is_compiling():
+            tag_masked_weight(out, weight, mask)
+        if self.training and not s.frozen:
+            # recorded for the SR-STE decay term and the flip-rate metrics of this step
+            self.mask.copy_(mask)
+        return out
+
+    @torch.no_grad()
+    def freeze(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fix the mask to the current one and zero the pruned entries of ``weight`` in place."""
+        if not self.state.frozen:
+            self.mask.copy_(self.compute_mask(weight))
+            weight.masked_fill_(~self.mask, 0)
+            self.state.frozen = True
+        return self.mask
+
+    def unfreeze(self) -> None:
+        """Back to a dynamic mask (pruned weights were zeroed by :meth:`freeze` and may regrow)."""
+        self.state.frozen = False
+
+    def set_nm(self, n: int, m: int) -> None:
+        """Change the current N (a schedule lowering N, a search); ``m`` must stay the layer's M."""
+        if m != self.state.m:
+            raise ValueError(f"layer {self.state.name!r}: m is fixed at {self.state.m}, got m={m!r}")
+        self.state.set_n(n)
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.state.to_dict()
+
+    def set_extra_state(self, state: Any) -> None:
+        loaded = NMLayerState.from_dict(self.state.fqn, state, shape=tuple(self.mask.shape))
+        for key in ("m", "target_n", "n", "layout", "input_dim", "frozen", "straight_through"):
+            setattr(self.state, key, getattr(loaded, key))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_mask(self.mask, self.state)  # a checkpoint is input: refuse a mask that does not fit the state
+
+
+@dataclass
+class SparseLayer:
+    """An attached layer: the module, the name of its weight and the parametrization (whose ``state`` is the
+    layer's N:M)."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    param_name: str
+    sparsity: NMSparsity
+
+    @property
+    def state(self) -> NMLayerState:
+        return self.sparsity.state
+
+    @property
+    def fqn(self) -> str:
+        return self.sparsity.state.fqn
+
+    @property
+    def original(self) -> nn.Parameter:
+        """The dense trained Parameter (the same object the model had before attaching)."""
+        return getattr(self.module.parametrizations, self.param_name).original
+
+    def effective(self) -> torch.Tensor:
+        """The weight the model computes with, without side effects on the recorded mask."""
+        with torch.no_grad():
+            w = self.original
+            return torch.where(self.sparsity.current_mask(w), w, w.new_zeros(()))
+
+
+def get_param(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The real Parameter ``name`` of ``module`` (the original under a parametrization), or ``None``."""
+    if parametrize.is_parametrized(module, name):
+        return getattr(module.parametrizations, name).original
+    return module._parameters.get(name)  # noqa: SLF001 - only real Parameters, not properties
+
+
+def our_parametrization(module: nn.Module, name: str) -> NMSparsity | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    found = [p for p in getattr(module.parametrizations, name) if isinstance(p, NMSparsity)]
+    return found[0] if found else None
+
+
+def attach_state(module: nn.Module, param_name: str, state: NMLayerState) -> NMSparsity:
+    """Parametrize ``module.<param_name>`` with ``state`` (or return its existing N:M parametrization)."""
+    sp = our_parametrization(module, param_name)
+    if sp is not None:
+        return sp
+    weight = get_param(module, param_name)
+    if weight is None:
+        raise ValueError(f"layer {state.name!r}: the module has no parameter {param_name!r}")
+    if tuple(weight.shape) != state.shape:
+        raise ValueError(f"layer {state.name!r}: the state is for shape {list(state.shape)}, the weight has "
+                         f"{list(weight.shape)}")  # fmt: skip
+    sp = NMSparsity(state).to(weight.device)
+    parametrize.register_parametrization(module, param_name, sp, unsafe=True)
+
+    def _hook(mod: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, _p: str = param_name) -> None:
+        found = our_parametrization(mod, _p)
+        if found is not None:
+            accept_plain(found, state_dict, prefix, _p)
+
+    module.register_load_state_dict_pre_hook(_hook)
+    return sp
+
+
+def sparse_layers(model: nn.Module, owner: str | None = None) -> dict[str, SparseLayer]:
+    """All N:M layers attached to ``model`` (optionally only those of one owner), by layer name."""
+    found: dict[str, SparseLayer] = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name in list(module.parametrizations.keys()):
+            sp = our_parametrization(module, param_name)
+            if sp is None or (owner is not None and sp.state.owner != owner):
+                continue
+            name = layer_name(fqn_of(module_name, param_name))
+            found[name] = SparseLayer(name, module_name, module, param_name, sp)
+    return found
+
+
+def nm_state(model: nn.Module) -> dict[str, NMLayerState]:
+    """The N:M state of every sparsified tensor of ``model``, keyed by its fully qualified name."""
+    return {layer.fqn: layer.state for layer in sparse_layers(model).values()}
+
+
+def freeze_layers(layers: Iterable[SparseLayer], optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """Fix each layer's current mask, zero its pruned weights and their optimizer state (momentum, Adam
+    moments), so that nothing revives them: the weights that end training are the ones exported."""
+    optimizers = list(optimizers)
+    for layer in layers:
+        if layer.sparsity.frozen:
+            continue
+        mask = layer.sparsity.freeze(layer.original)
+        for opt in optimizers:
+            for value in opt.state.get(layer.original, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                    value.masked_fill_(~mask, 0)
+
+
+def detach(model: nn.Module, owner: str | None = None) -> list[str]:
+    """Remove the N:M parametrizations, leaving the masked weights in the same Parameters.
+
+    Returns the names of the layers detached. The model is then a plain model with zeros.
+    """
+    names = []
+    for name, layer in sparse_layers(model, owner).items():
+        parametrize.remove_parametrizations(layer.module, layer.param_name, leave_parametrized=True)
+        names.append(name)
+    return names
