@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_distributed import OrderedNet, RankCheck  # noqa: E402
@@ -60,7 +61,8 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
         callbacks.append(RankCheck())
     trainer = pl.Trainer(
         default_root_dir=out / "run", accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-        max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs, callbacks=callbacks, logger=CSVLogger(out / "run", name="logs"), log_every_n_steps=1,
+        enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(model)
