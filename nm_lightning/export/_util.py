@@ -63,16 +63,10 @@ def state_dict_of(model_or_state_dict: nn.Module | Mapping[str, Any]) -> Mapping
 
 
 def nm_infos(state_dict: Mapping[str, Any]) -> dict[str, NMInfo]:
-    """N:M layers of a sparsified model's state dict, keyed by their plain key (from the extra state)."""
-    found: dict[str, NMInfo] = {}
-    for key, value in state_dict.items():
-        if not key.endswith(_EXTRA_SUFFIX) or not isinstance(value, Mapping) or value.get("nm_lightning") != 1:
-            continue
-        base = key[: -len(_EXTRA_SUFFIX)]
-        head, _, rest = base.rpartition(_MARKER)
-        plain_key = head + rest.rstrip(".")
-        found[plain_key] = NMInfo(plain_key, layer_name(plain_key), int(value["n"]), int(value["m"]), value["layout"])
-    return found
+    """N:M layers of a sparsified model's state dict, keyed by their plain key (from the validated N:M states)."""
+    from nm_lightning.sparsify.state_dict import saved_states
+
+    return {fqn: NMInfo(fqn, s.name, s.n, s.m, s.layout) for fqn, s in saved_states(state_dict).items()}
 
 
 def to_groups(weight: torch.Tensor, m: int, layout: Layout) -> torch.Tensor:
