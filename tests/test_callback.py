@@ -190,6 +190,9 @@ def test_strict_raises_on_skipped_layer(tmp_path):
 def test_no_layer_is_a_clear_error(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"no layer to sparsify.*include/exclude"):
         _fit(tmp_path, [SRSTECallback(2, 4, include=["nothing*"])], max_epochs=1)
+    # every layer is listed with the reason it was not covered
+    with pytest.raises(MisconfigurationException, match=r"conv1 \(Conv1d\): matched exclude '\*'; conv2 \(Conv1d\)"):
+        _fit(tmp_path, [SRSTECallback(2, 4, exclude="*")], max_epochs=1)
 
 
 def test_scheme_mixed_nm(tmp_path, capsys):
