@@ -9,8 +9,10 @@ Public API: :func:`nm_mask` (mask math), :class:`NMLayerState` (the one N:M stat
 from nm_lightning.accounting import scheme_stats
 from nm_lightning.callbacks import DominoSearchCallback, SparsityScheduler, SRSTECallback
 from nm_lightning.export import dense_state_dict, export_artifacts, load_packed, save_dense, save_packed
+from nm_lightning.layers import register_layer_type
 from nm_lightning.masks import check_nm, nm_mask
 from nm_lightning.metrics import MaskFlipRate
+from nm_lightning.oneshot import prune_one_shot
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import (
     attach,
@@ -40,6 +42,8 @@ __all__ = [
     "nm_state",
     "plain_state_dict",
     "plan_layers",
+    "prune_one_shot",
+    "register_layer_type",
     "save_dense",
     "save_packed",
     "scheme_stats",

@@ -53,7 +53,8 @@ def test_plan_reports_every_weight_with_reason():
     assert covered == {"conv", "grouped", "c1", "c3", "attn.in_proj_weight", "attn.out_proj", "fc"}
     assert plans["stem"].status == "skipped" and "= 3 is not divisible by m=4" in plans["stem"].reason
     assert plans["depthwise"].status == "skipped" and "= 1 is not divisible" in plans["depthwise"].reason
-    assert plans["head"].status == "skipped" and "shared with emb.weight" in plans["head"].reason
+    # an output head tied to the input embedding is a default exclusion (transformers' tied lm_head)
+    assert plans["head"].status == "excluded" and "shared with emb.weight (tied to an embedding" in plans["head"].reason
     assert plans["up"].status == "skipped" and "transposed conv" in plans["up"].reason
     assert plans["lazy"].status == "skipped" and "lazy parameter" in plans["lazy"].reason
     assert plans["bn"].status == "excluded" and "BatchNorm2d not selected" in plans["bn"].reason
@@ -196,3 +197,23 @@ def test_detach_leaves_masked_weights():
     masked = model[0].weight.detach().clone()
     assert detach(model) == ["0"]
     assert type(model[0]) is nn.Linear and model[0].weight is w and torch.equal(w, masked)
+
+
+def test_included_type_without_input_dim_is_an_error_and_registered_types_are_covered():
+    with pytest.raises(ValueError, match=r"torch.nn.modules.sparse.Embedding has no known input dimension.*register"):
+        plan_layers(Zoo(), 2, 4, include_types=["Embedding"])
+
+    class Bilinear2(nn.Module):  # a user layer storing [in, out]
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 3))
+
+    from nm_lightning import register_layer_type
+
+    model = nn.Sequential(Bilinear2(), nn.Linear(3, 4))
+    with pytest.raises(ValueError, match="Bilinear2 has no known input dimension"):
+        plan_layers(model, 2, 4, include_types=[Bilinear2])
+    register_layer_type(Bilinear2, input_dim=0)
+    plans = _by_name(plan_layers(model, 2, 4))
+    assert plans["0"].status == "covered" and plans["0"].state.input_dim == 0
+    assert plans["1"].status == "skipped"  # 3 inputs: not divisible by 4

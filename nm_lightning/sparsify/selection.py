@@ -19,14 +19,20 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
+from nm_lightning.layers import input_dim_of, known_types, registered_params
 from nm_lightning.masks import Layout, check_nm, validate_nm
 from nm_lightning.sparsify.parametrization import SparseLayer, attach_state, get_param, our_parametrization
 from nm_lightning.state import NMLayerState, fqn_of, layer_name
 
 __all__ = ["DEFAULT_TYPES", "LayerPlan", "as_patterns", "attach", "materialize_lazy", "plan_layers", "resolve_type"]
 
+# the built-in layer types (the registry in nm_lightning.layers also knows transformers' Conv1D and user types)
 DEFAULT_TYPES: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention")
-_MHA_PARAMS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+# known layer types that cannot be N:M along their input: selected, they are reported with this reason
+_UNSUPPORTED: dict[type, str] = {
+    t: "transposed conv weights [in, out, *k] have no input-channel N:M layout"
+    for t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+}
 Status = Literal["covered", "skipped", "excluded"]
 
 
@@ -96,9 +102,22 @@ def resolve_type(spec: str | type) -> type:
 
 
 def _weight_params(module: nn.Module, cls: type) -> list[str]:
-    if issubclass(cls, nn.MultiheadAttention):
-        return [p for p in _MHA_PARAMS if get_param(module, p) is not None]
-    return ["weight"] if get_param(module, "weight") is not None else []
+    """The weights of ``module`` that N:M applies to (from the layer-type registry)."""
+    names = registered_params(cls) or (("weight",) if issubclass(cls, tuple(_UNSUPPORTED)) else ())
+    return [p for p in names if get_param(module, p) is not None]
+
+
+def _check_known(types: tuple[type, ...]) -> None:
+    """An included type needs a known input dimension: never guess which dim the groups run along."""
+    for t in types:
+        if input_dim_of(t, registered_params(t)[0] if registered_params(t) else "weight") is None and not issubclass(
+            t, tuple(_UNSUPPORTED)
+        ):
+            raise ValueError(
+                f"layer type {t.__module__}.{t.__qualname__} has no known input dimension (the dim N:M groups run "
+                f"along); register it: nm_lightning.register_layer_type({t.__qualname__}, input_dim=1) for "
+                "[out, in, *k] weights, input_dim=0 for [in, out] ones"
+            )
 
 
 def plan_layers(
@@ -117,14 +136,18 @@ def plan_layers(
     """Decide, for every module weight of ``model``, whether it becomes N:M and why (not).
 
     ``include``/``exclude`` are ``fnmatch`` globs on layer names (one string is one pattern);
-    ``include_types`` (default :data:`DEFAULT_TYPES`) and ``exclude_types`` are classes or names. With ``scheme``
+    ``include_types`` (default: every type of the layer-type registry, :mod:`nm_lightning.layers`) and
+    ``exclude_types`` are classes or names; an included type must have a known input dimension. A weight tied to
+    an embedding (an output head sharing the input embedding, e.g. a tied ``lm_head``) is excluded. With ``scheme``
     only the layers it names are covered, each with its own ``(n, m)``; a name the model does not have is an
     error. Scheme entries may use the layer name (``"fc1"``) or the tensor name (``"fc1.weight"``).
     """
     n, m, layout = validate_nm(n, m, layout)
     include = as_patterns(include, "include")
     exclude = as_patterns(exclude, "exclude") or []
-    inc_types = tuple(resolve_type(t) for t in (as_patterns(include_types, "include_types") or DEFAULT_TYPES))
+    given = as_patterns(include_types, "include_types")
+    inc_types = tuple(resolve_type(t) for t in given) if given is not None else tuple(known_types())
+    _check_known(inc_types)
     exc_types = tuple(resolve_type(t) for t in (as_patterns(exclude_types, "exclude_types") or ()))
     if scheme is not None:
         scheme = {str(k): validate_nm(*v, layout)[:2] for k, v in scheme.items()}
@@ -133,6 +156,7 @@ def plan_layers(
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
+    embeddings = {fqn_of(n, "weight") for n, mod in model.named_modules() if isinstance(mod, nn.Embedding)}
 
     plans: list[LayerPlan] = []
     used_scheme_keys: set[str] = set()
@@ -160,10 +184,13 @@ def plan_layers(
             else:
                 in_scheme = None
             plan.status, plan.reason = _decide(
-                plan, module, cls, p, ln, lm, layout, include, exclude, exc_types, in_scheme, owners, owner
+                plan, module, cls, p, ln, lm, layout, include, exclude, exc_types, in_scheme, owners, embeddings, owner
             )
             if plan.status == "covered":
-                plan.state = NMLayerState(plan.fqn, plan.shape, m=lm, target_n=ln, n=ln, layout=layout, owner=owner)
+                plan.state = NMLayerState(
+                    plan.fqn, plan.shape, m=lm, target_n=ln, n=ln, layout=layout,
+                    input_dim=input_dim_of(cls, param_name) or 1, owner=owner,
+                )  # fmt: skip
             plans.append(plan)
     if scheme is not None:
         missing = sorted(set(scheme) - used_scheme_keys)
@@ -192,6 +219,7 @@ def _decide(
     exc_types: tuple[type, ...],
     in_scheme: bool | None,
     owners: dict[int, list[str]],
+    embeddings: set[str],
     owner: str | None,
 ) -> tuple[Status, str]:
     name = plan.name
@@ -216,14 +244,17 @@ def _decide(
         )
     if parametrize.is_parametrized(module, plan.param_name) and existing is None:
         return "skipped", "has another parametrization"
-    if issubclass(cls, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return "skipped", "transposed conv weights [in, out, *k] have no input-channel N:M layout"
+    unsupported = next((why for t, why in _UNSUPPORTED.items() if issubclass(cls, t)), None)
+    if unsupported is not None:
+        return "skipped", unsupported
     if p.dim() < 2:
         return "skipped", f"{p.dim()}-D weight"
     prefix = f"{plan.module_name}." if plan.module_name else ""
     own = {prefix + plan.param_name, f"{prefix}parametrizations.{plan.param_name}.original"}
     shared = [o for o in owners.get(id(p), []) if o not in own]
     if shared:
+        if embeddings.intersection(shared):
+            return "excluded", f"weight is shared with {', '.join(shared)} (tied to an embedding: stays dense)"
         return "skipped", f"weight is shared with {', '.join(shared)} (tied weights)"
     reason = check_nm(p.shape, n, m, layout)
     if reason is not None:
