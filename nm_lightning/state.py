@@ -94,7 +94,9 @@ class NMLayerState:
                 raise TypeError(f"{where}: {flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int):
             raise TypeError(f"{where}: input_dim must be an int, got {self.input_dim!r}")
-        reason = check_nm(self.shape, self.target_n, self.m, self.layout)
+        if not 0 <= self.input_dim < max(1, len(self.shape)):
+            raise ValueError(f"{where}: input_dim {self.input_dim} is out of range for shape {list(self.shape)}")
+        reason = check_nm(self.shape, self.target_n, self.m, self.layout, input_dim=self.input_dim)
         if reason is not None:
             raise ValueError(f"{where}: cannot be {self.target_n}:{self.m}: {reason}")
 
@@ -112,7 +114,7 @@ class NMLayerState:
         n = validate_nm(n, self.m, self.layout)[0]
         if self.frozen and n != self.n:
             raise RuntimeError(f"layer {self.name!r}: cannot change a fixed {self.n}:{self.m} mask to {n}:{self.m}")
-        reason = check_nm(self.shape, n, self.m, self.layout)
+        reason = check_nm(self.shape, n, self.m, self.layout, input_dim=self.input_dim)
         if reason is not None:
             raise ValueError(f"layer {self.name!r}: cannot switch to {n}:{self.m}: {reason}")
         self.n = n

@@ -147,7 +147,10 @@ class DominoSearchCallback(NMCallback):
                 layer.state.target_n = 1
         if self.search is None:
             layers = {
-                k: DominoLayer(m=self.m, params=v.original.numel(), macs=0.0, n_int=self.m, n_committed=self.m)
+                k: DominoLayer(
+                    m=self.m, params=v.original.numel(), macs=0.0, n_int=self.m, n_committed=self.m,
+                    input_dim=v.state.input_dim,
+                )
                 for k, v in self.layers.items()
             }
             self.search = DominoSearch(
@@ -191,7 +194,7 @@ class DominoSearchCallback(NMCallback):
         for name, layer in self.layers.items():
             state = self.search.layers[name]
             state.macs = macs[name]
-            state.thresholds = group_thresholds(layer.original, self.m, self.layout)
+            state.thresholds = group_thresholds(layer.original, self.m, self.layout, layer.state.input_dim)
         self.search.init_erk({k: tuple(v.original.shape) for k, v in self.layers.items()})
         self._initialized = True
         if self.save_dense:

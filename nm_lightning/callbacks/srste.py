@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,12 +12,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from nm_lightning.callbacks.base import NMCallback, selection_args
+from nm_lightning.callbacks.calibration import one_shot_at_fit_start
 from nm_lightning.export.artifacts import FORMATS, check_formats, export_artifacts
 from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import mask_flips, nonzero_count
+from nm_lightning.oneshot import METHODS as ONE_SHOT_METHODS
+from nm_lightning.oneshot import OneShotReport
 from nm_lightning.report import coverage
 from nm_lightning.scheme import NMScheme
-from nm_lightning.sparsify import freeze_layers, load_plain_weights
+from nm_lightning.sparsify import freeze_layers, load_plain_weights, plan_layers
 from nm_lightning.srste import add_decay_, recompute_masked_weights
 from nm_lightning.validation import (
     check_bool,
@@ -74,6 +77,16 @@ class SRSTECallback(NMCallback):
             dense-with-zeros state dict, packed N:M file, CUTLASS 2:4 file and ``scheme.json``
             (:func:`nm_lightning.export_artifacts`; rank 0 writes, barriers around the I/O).
         export_formats: subset of ``["dense", "packed", "semi_structured"]`` (default: all).
+        one_shot: prune the plain model once at the start of ``fit``, before SR-STE (or ``mode="fixed"``) takes
+            over: ``"sparsegpt"`` (Frantar & Alistarh 2023: OBS weight update from the layers' input Hessians),
+            ``"wanda"`` (|W|·‖X‖) or ``"magnitude"`` (:func:`nm_lightning.prune_one_shot`), on exactly the layers
+            this callback covers, each at its own n:m. Not run when resuming from a checkpoint. The model is on the
+            CPU at that point (Lightning moves it to the device later), so calibrate on a few batches.
+        calibration_batches: how many of the first training batches calibrate the one-shot pruning (taken from
+            the module's or datamodule's ``train_dataloader``, the same on every rank).
+        calibration_input: a function ``batch -> model input``; by default a tensor batch is the input, a
+            ``(x, y, ...)`` tuple gives ``x``, a dict is passed as keyword arguments without its label keys.
+            The model is called as ``pl_module(input)`` (``*input`` for a tuple, ``**input`` for a dict).
         recompute_masked: between forward and backward keep only the bool mask (1 byte per weight) instead
             of the 4-byte masked weight, and rebuild it exactly in backward (saved-tensor hooks active
             during each training batch).
@@ -100,6 +113,9 @@ class SRSTECallback(NMCallback):
         export_dir: str | None = None,
         export_formats: list[str] | None = None,
         recompute_masked: bool = True,
+        one_shot: Literal["sparsegpt", "wanda", "magnitude"] | None = None,
+        calibration_batches: int = 8,
+        calibration_input: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         who = "SRSTECallback"
@@ -137,6 +153,14 @@ class SRSTECallback(NMCallback):
         self.init_weights = init_weights
         self.export_dir = check_path(who, "export_dir", export_dir)
         self.export_formats = None if export_formats is None else check_formats(export_formats)
+        self.one_shot = None if one_shot is None else check_choice(who, "one_shot", one_shot, ONE_SHOT_METHODS)
+        self.calibration_batches = check_int(who, "calibration_batches", calibration_batches, minimum=1)
+        if calibration_input is not None and not callable(calibration_input):
+            raise TypeError(
+                f"{who} calibration_input must be a function batch -> model input, got {calibration_input!r}"
+            )
+        self.calibration_input = calibration_input
+        self.one_shot_report: OneShotReport | None = None
         self._saved_hooks: Any = None
         self._first_masks: dict[str, torch.Tensor] | None = None
         self._prev_masks: dict[str, torch.Tensor] | None = None
@@ -173,6 +197,14 @@ class SRSTECallback(NMCallback):
             load_plain_weights(pl_module, self.init_weights)
         if isinstance(self.scheme_arg, (str, Path)) and self.scheme is None:
             self.scheme = NMScheme.load(self.scheme_arg, model=pl_module)
+        if self.one_shot is not None and stage == "fit" and not self.layers and trainer.ckpt_path is None:
+            # prune exactly the layers SR-STE will cover, each at its own n:m, before attaching
+            plans = plan_layers(pl_module, self.n, self.m, self.layout, scheme=self.scheme, **self.selection)
+            covered = {p.name: (p.n, p.m) for p in plans if p.state is not None}
+            self.one_shot_report = one_shot_at_fit_start(
+                trainer, pl_module, method=self.one_shot, count=self.calibration_batches,
+                to_input=self.calibration_input, n=self.n, m=self.m, scheme=covered, layout=self.layout,
+            )  # fmt: skip
         self.attach_layers(
             trainer, pl_module, stage, n=self.n, m=self.m, layout=self.layout, selection=self.selection,
             scheme=self.scheme, strict=self.strict, verbose=self.verbose,

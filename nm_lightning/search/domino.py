@@ -56,27 +56,35 @@ def checks_needed(target: float, m: int, tolerance: float = 0.0) -> int | None:
     return None
 
 
-def _groups(weight: torch.Tensor, m: int, layout: Layout) -> torch.Tensor:
+def _groups(weight: torch.Tensor, m: int, layout: Layout, input_dim: int = 1) -> torch.Tensor:
     """|w| viewed as ``[outer, groups, m, inner]`` (groups along dim 2), like :func:`nm_mask`."""
-    gv = group_view(weight.shape, layout)
+    gv = group_view(weight.shape, layout, input_dim=input_dim)
     return weight.detach().abs().reshape(gv.outer, gv.length // m, m, gv.inner)
 
 
-def group_thresholds(weight: torch.Tensor, m: int, layout: Layout = "input_channel") -> torch.Tensor:
+def group_thresholds(
+    weight: torch.Tensor, m: int, layout: Layout = "input_channel", input_dim: int = 1
+) -> torch.Tensor:
     """Per-group threshold: the mean of the ``m // 2`` smallest magnitudes (``max(1, m // 2)``)."""
-    a = _groups(weight, m, layout).float()
+    a = _groups(weight, m, layout, input_dim).float()
     k = max(1, m // 2)
     return torch.topk(a, k, dim=2, largest=False).values.mean(dim=2, keepdim=True)
 
 
 def vote(
-    weight: torch.Tensor, thresholds: torch.Tensor, n_int: int, m: int, layout: Layout, vote_ratio: float
+    weight: torch.Tensor,
+    thresholds: torch.Tensor,
+    n_int: int,
+    m: int,
+    layout: Layout,
+    vote_ratio: float,
+    input_dim: int = 1,
 ) -> tuple[bool, float]:
     """Whether the layer votes to lower its intermediate N, and the fraction of groups voting for it.
 
     A group votes when fewer than ``n_int`` of its weights (masked ones included) exceed its threshold.
     """
-    above = (_groups(weight, m, layout).float() > thresholds).sum(dim=2)
+    above = (_groups(weight, m, layout, input_dim).float() > thresholds).sum(dim=2)
     q = float((above < n_int).float().mean())
     return q >= vote_ratio, q
 
@@ -144,6 +152,7 @@ class DominoLayer:
     n_committed: int
     thresholds: torch.Tensor | None = None
     eta: float = 0.0
+    input_dim: int = 1  # the weight dim the groups run along (the layer-type registry's)
 
 
 @dataclass
@@ -244,7 +253,9 @@ class DominoSearch:
             if self.done or layer.n_committed <= 1:
                 continue
             assert layer.thresholds is not None, "thresholds are initialized at the start of the search"
-            lower, _ = vote(weights[name], layer.thresholds, layer.n_int, layer.m, layout, self.vote_ratio)
+            lower, _ = vote(
+                weights[name], layer.thresholds, layer.n_int, layer.m, layout, self.vote_ratio, layer.input_dim
+            )
             if lower and layer.n_int > 1:
                 layer.n_int -= 1
                 changed.append(name)

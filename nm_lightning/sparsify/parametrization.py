@@ -66,7 +66,8 @@ class NMSparsity(nn.Module):
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The N:M mask of ``weight`` at the current N (ignores the stored mask)."""
-        return nm_mask(weight, self.state.n, self.state.m, self.state.layout)
+        s = self.state
+        return nm_mask(weight, s.n, s.m, s.layout, input_dim=s.input_dim)
 
     def current_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask the next forward would use: the fixed mask, or the one computed from ``weight``."""
@@ -77,7 +78,7 @@ class NMSparsity(nn.Module):
         if s.frozen:  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly in backward
             out, mask = fixed_mask(weight, self.mask), self.mask
         elif s.straight_through:
-            out, mask = ste_nm(weight, s.n, s.m, s.layout)
+            out, mask = ste_nm(weight, s.n, s.m, s.layout, input_dim=s.input_dim)
         else:  # the DominoSearch rule: pruned weights get no gradient
             mask = self.compute_mask(weight)
             out = fixed_mask(weight, mask)

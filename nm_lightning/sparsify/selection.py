@@ -256,7 +256,7 @@ def _decide(
         if embeddings.intersection(shared):
             return "excluded", f"weight is shared with {', '.join(shared)} (tied to an embedding: stays dense)"
         return "skipped", f"weight is shared with {', '.join(shared)} (tied weights)"
-    reason = check_nm(p.shape, n, m, layout)
+    reason = check_nm(p.shape, n, m, layout, input_dim=input_dim_of(cls, plan.param_name) or 1)
     if reason is not None:
         groups = getattr(module, "groups", 1)
         if groups > 1 and groups == getattr(module, "in_channels", 0):

@@ -74,7 +74,7 @@ def check_mask(mask: torch.Tensor, state: NMLayerState) -> None:
         got = f"{getattr(mask, 'dtype', type(mask).__name__)} {list(getattr(mask, 'shape', []))}"
         raise ValueError(f"layer {state.name!r}: the mask must be a bool tensor of shape {list(state.shape)}, "
                          f"got {got}")  # fmt: skip
-    gv = group_view(state.shape, state.layout)
+    gv = group_view(state.shape, state.layout, input_dim=state.input_dim)
     counts = mask.reshape(gv.outer, gv.length // state.m, state.m, gv.inner).sum(dim=2)
     low, high = (state.n, state.n) if state.frozen else (state.n, state.m)
     bad = (counts < low) | (counts > high)
@@ -120,7 +120,7 @@ def split_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dic
         original, mask = state_dict[keys.original], state_dict[keys.mask]
         check_mask(mask, state)
         if not state.frozen:
-            mask = nm_mask(original, state.n, state.m, state.layout)
+            mask = nm_mask(original, state.n, state.m, state.layout, input_dim=state.input_dim)
         plain[fqn] = torch.where(mask, original, original.new_zeros(())).detach()
         for k in (keys.original, keys.mask, keys.extra):
             nm_entries[k] = state_dict[k]
