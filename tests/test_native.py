@@ -37,9 +37,9 @@ def fresh_loader(monkeypatch, tmp_path):
 
 
 def _fallback_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    from nm_lightning.masks import _mask_torch, group_view
+    from nm_lightning.masks import _mask_generic, group_view
 
-    return _mask_torch(w, n, m, group_view(w.shape, "input_channel"))
+    return _mask_generic(w, n, m, group_view(w.shape, "input_channel"))
 
 
 def _load(monkeypatch=None) -> tuple[bool, list[str]]:
