@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from nm_lightning import _native
-from nm_lightning.masks import Layout, nm_masked
+from nm_lightning.masks import Layout, apply_mask, nm_masked
 
-__all__ = ["ste_nm", "fixed_mask", "add_decay_", "decay_term", "tag_masked_weight", "recompute_masked_weights"]
+__all__ = ["ste_nm", "fixed_mask", "add_decay_", "tag_masked_weight", "recompute_masked_weights"]
 
 
 class _StraightThroughNM(torch.autograd.Function):
@@ -33,31 +33,38 @@ class _StraightThroughNM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(weight: torch.Tensor, n: int, m: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        return nm_masked(weight, n, m, layout)  # type: ignore[arg-type]
+    def forward(  # type: ignore[override]
+        weight: torch.Tensor, n: int, m: int, layout: str, input_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return nm_masked(weight, n, m, layout, input_dim=input_dim)  # type: ignore[arg-type]
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_mask: Any) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
-        return grad, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor, _grad_mask: Any) -> tuple[torch.Tensor, None, None, None, None]:  # type: ignore[override]
+        return grad, None, None, None, None
 
 
-def ste_nm(weight: torch.Tensor, n: int, m: int, layout: Layout = "input_channel") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(weight ⊙ E, E)`` with a straight-through gradient (the SR-STE/STE forward), ``E = nm_mask(weight)``."""
-    return _StraightThroughNM.apply(weight, n, m, layout)
+def ste_nm(
+    weight: torch.Tensor, n: int, m: int, layout: Layout = "input_channel", *, input_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight ⊙ E, E)`` with a straight-through gradient (the SR-STE/STE forward), ``E = nm_mask(weight)``.
+
+    Kept entries keep their exact bits, pruned ones are ``+0.0`` (see :func:`nm_lightning.masks.nm_masked`);
+    ``input_dim`` as in :func:`nm_lightning.masks.nm_mask`.
+    """
+    return _StraightThroughNM.apply(weight, n, m, layout, input_dim)
 
 
 def fixed_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``weight ⊙ mask`` with the gradient masked too: pruned weights get no gradient (ASP-style)."""
-    return weight * mask
+    """``weight ⊙ mask`` with the gradient masked too: pruned weights get no gradient (ASP-style).
 
-
-def decay_term(weight: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
-    """``decay · (1 − mask) ⊙ weight``, the SR-STE regularization gradient."""
-    return weight * ~mask * decay
+    Computed as ``torch.where(mask, weight, 0)``: kept entries keep their bits (``-0.0`` included), pruned
+    entries are ``+0.0``, bit for bit the same as :func:`ste_nm`'s forward for the same mask.
+    """
+    return apply_mask(weight, mask)
 
 
 @torch.no_grad()
@@ -105,7 +112,7 @@ def _unpack(packed: Any) -> torch.Tensor:
             "needed by backward, can no longer be rebuilt (SRSTECallback(recompute_masked=False) keeps a copy)"
         )
     with torch.no_grad():
-        masked = torch.mul(weight, mask).add_(0.0)  # bit-identical to the forward's W ⊙ E (+0 where pruned)
+        masked = apply_mask(weight, mask)  # bit-identical to the forward's W ⊙ E (kept bits; +0 where pruned)
     return masked if view is None else masked.as_strided(*view)
 
 

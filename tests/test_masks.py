@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nm_lightning import _native, nm_mask
-from nm_lightning.masks import _mask_torch, check_nm, group_view
+from nm_lightning.masks import _mask_generic, check_nm, group_view, nm_masked
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -24,6 +24,15 @@ def reference_mask(w: torch.Tensor, n: int, m: int, layout: str) -> torch.Tensor
     keep = _rank_keep(wp.reshape(-1, m), n).reshape(wp.shape)
     inv = [0, w.dim() - 1, *range(1, w.dim() - 1)]
     return keep.permute(inv).contiguous()
+
+
+def sort_oracle(weight: torch.Tensor, n: int, m: int, gv) -> torch.Tensor:
+    """The previous PyTorch path, kept as an oracle: a stable descending sort keeps the lower index on ties."""
+    w = weight.detach().reshape(gv.outer, gv.length // m, m, gv.inner).abs()
+    keep_idx = torch.sort(w, dim=2, descending=True, stable=True).indices.narrow(2, 0, n)
+    mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    mask.scatter_(2, keep_idx, True)
+    return mask.reshape(weight.shape)
 
 
 def _rank_keep(groups: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,7 +81,7 @@ def test_mask_matches_reference(case):
     per_group = mask.reshape(gv.outer, gv.length // m, m, gv.inner).sum(2)
     assert bool((per_group == n).all())
     # the PyTorch path (used on CUDA and as the fallback) gives the same bits
-    assert torch.equal(mask, _mask_torch(w, n, m, gv))
+    assert torch.equal(mask, _mask_generic(w, n, m, gv))
 
 
 @settings(max_examples=50, deadline=None)
@@ -88,8 +97,38 @@ def test_kept_magnitudes_dominate(case):
     assert bool((kept_min >= dropped_max).all())
 
 
-def test_native_kernel_is_used_on_cpu():
-    assert _native.available(), "the native CPU kernel should build on this machine (a C compiler is present)"
+@st.composite
+def generic_case(draw):
+    """Shapes, dtypes and values for the sort-free path: many exact ties, both signs, +-0, m up to 64."""
+    m = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64]))
+    n = draw(st.integers(1, m))
+    layout = draw(st.sampled_from(["input_channel", "flat"]))
+    ndim = draw(st.integers(2, 4))
+    shape = [draw(st.integers(1, 3)) for _ in range(ndim)]
+    input_dim = draw(st.integers(0, ndim - 1))
+    shape[input_dim if layout == "input_channel" else 0] *= m * draw(st.integers(1, 2))
+    dtype = draw(st.sampled_from(DTYPES))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    kind = draw(st.sampled_from(["few", "zeros", "randn"]))
+    if kind == "few":
+        w = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    elif kind == "zeros":  # +0.0 and -0.0 (which tie) among a few magnitudes
+        w = torch.randint(0, 2, shape, generator=g).to(dtype) * torch.where(torch.rand(shape, generator=g) < 0.5, -1, 1)
+        w = w.to(dtype) * torch.tensor(0.0, dtype=dtype)
+        w[torch.rand(shape, generator=g) < 0.3] = 1.5
+    else:
+        w = torch.randn(shape, generator=g).to(dtype)
+    return w, n, m, layout, input_dim
+
+
+@settings(max_examples=400, deadline=None)
+@given(generic_case())
+def test_generic_mask_equals_stable_sort(case):
+    w, n, m, layout, input_dim = case
+    gv = group_view(w.shape, layout, input_dim)
+    expected = sort_oracle(w, n, m, gv)
+    assert torch.equal(_mask_generic(w, n, m, gv), expected)
+    assert torch.equal(nm_mask(w, n, m, layout, input_dim=input_dim), expected if n < m else torch.ones_like(expected))
 
 
 def test_ties_keep_lowest_index():
@@ -143,11 +182,20 @@ def test_mask_dtype_and_device_follow_weight(dtype):
     assert mask.dtype == torch.bool and mask.device == w.device and mask.shape == w.shape
 
 
-def test_weight_is_not_modified_and_grad_ok():
-    w = torch.randn(4, 8, requires_grad=True)
-    before = w.detach().clone()
+@pytest.mark.parametrize("native", [True, False])
+def test_weight_is_not_modified_and_outputs_are_detached(native, monkeypatch):
+    if not native:
+        monkeypatch.setattr(_native, "supports", lambda *a: False)
+    w = torch.randn(4, 8)
+    w[0, 0], w[1, 1] = -0.0, float("-1e-30")
+    w.requires_grad_(True)
+    before, version = w.detach().clone(), w._version
     mask = nm_mask(w, 2, 4)
-    assert not mask.requires_grad and torch.equal(w.detach(), before)
+    masked, mask2 = nm_masked(w, 2, 4)
+    # the weight is untouched, bit for bit, and not modified in place (version counter)
+    assert torch.equal(w.detach().view(torch.int32), before.view(torch.int32)) and w._version == version
+    # no autograd graph from the outputs back to w (nm_masked is not differentiable; ste_nm is)
+    assert masked.grad_fn is None and not masked.requires_grad and torch.equal(mask, mask2)
 
 
 def test_n_equal_m_keeps_all():
@@ -215,4 +263,53 @@ def test_native_and_torch_agree_on_big_conv():
     w = torch.randn(64, 32, 3, 3)
     for n, m in [(2, 4), (1, 4), (3, 4), (4, 8), (2, 16), (13, 16), (1, 32)]:
         gv = group_view(w.shape, "input_channel")
-        assert torch.equal(nm_mask(w, n, m), _mask_torch(w, n, m, gv))
+        assert torch.equal(nm_mask(w, n, m), _mask_generic(w, n, m, gv))
+        assert torch.equal(nm_mask(w, n, m), sort_oracle(w, n, m, gv))
+
+
+# ---------------------------------------------------------------------------------------------- input_dim
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 8), (3, 16), (4, 4)])
+def test_input_dim_0_is_the_transpose(dtype, n, m):
+    """A weight stored ``[in, out]`` (GPT-2 ``Conv1D``) with ``input_dim=0`` == the ``[out, in]`` mask, transposed."""
+    w = torch.randint(-3, 4, (32, 12)).to(dtype)  # many ties
+    mask = nm_mask(w, n, m, input_dim=0)
+    assert torch.equal(mask, nm_mask(w.t().contiguous(), n, m).t())
+    masked, mask2 = nm_masked(w, n, m, input_dim=0)
+    assert torch.equal(mask2, mask) and torch.equal(masked, torch.where(mask, w, 0))
+
+
+def test_input_dim_views_and_default():
+    assert group_view((6, 8, 3, 5), "input_channel") == group_view((6, 8, 3, 5), "input_channel", 1)
+    assert group_view((6, 8, 3, 5), "input_channel", 0) == group_view((6, 8, 3, 5), "flat", 0).__class__(1, 6, 120)
+    assert group_view((6, 8, 3, 5), "input_channel", 2) == group_view((6, 8, 3, 5), "input_channel", 1).__class__(
+        48, 3, 5
+    )
+    assert group_view((6, 8, 3, 5), "flat", 3).length == 720  # ignored for flat
+    w = torch.randn(4, 3, 8, 2)  # groups along dim 2
+    mask = nm_mask(w, 2, 4, input_dim=2)
+    ref = nm_mask(w.permute(0, 1, 3, 2).reshape(-1, 8), 2, 4).reshape(4, 3, 2, 8).permute(0, 1, 3, 2)
+    assert torch.equal(mask, ref)
+
+
+@pytest.mark.parametrize(
+    ("shape", "input_dim", "exc", "match"),
+    [
+        ((8, 16), 2, ValueError, r"input_dim must be in \[0, 1\] for a weight of shape \(8, 16\), got input_dim=2"),
+        ((8, 16), -1, ValueError, r"input_dim must be in \[0, 1\] .* got input_dim=-1"),
+        ((8, 16), 1.0, TypeError, r"input_dim must be an int, got 1.0 \(float\)"),
+        ((8, 16), True, TypeError, r"input_dim must be an int, got True"),
+        ((6, 16), 0, ValueError, r"input features \(dim 0 of shape \(6, 16\)\) = 6 is not divisible by m=4"),
+        ((8, 6, 5), 2, ValueError, r"input channels \(dim 2 of shape \(8, 6, 5\)\) = 5 is not divisible by m=4"),
+    ],
+)
+def test_bad_input_dim(shape, input_dim, exc, match):
+    with pytest.raises(exc, match=match):
+        nm_mask(torch.randn(shape), 2, 4, input_dim=input_dim)
+    with pytest.raises(exc, match=match):
+        nm_masked(torch.randn(shape), 2, 4, input_dim=input_dim)
+    if exc is ValueError and "divisible" in match:
+        assert check_nm(shape, 2, 4, input_dim=input_dim) is not None
+    else:
+        with pytest.raises(exc, match=match):
+            check_nm(shape, 2, 4, input_dim=input_dim)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nm_lightning import attach, nm_mask, plan_layers
-from nm_lightning.srste import add_decay_, decay_term, fixed_mask, ste_nm
+from nm_lightning.srste import add_decay_, fixed_mask, ste_nm
 
 
 def _grad_wrt_masked(layer: nn.Module, x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -40,10 +40,20 @@ def test_gradient_equals_formula(decay, kind):
         assert torch.equal(w.grad, expected)
 
 
-def test_decay_term_only_on_pruned():
+@pytest.mark.parametrize("native", [True, False])
+def test_add_decay_only_on_pruned(native, monkeypatch):
+    """``add_decay_`` adds ``decay * w`` to the gradient of pruned weights only (values written out by hand)."""
+    from nm_lightning import _native
+
+    if not native:
+        monkeypatch.setattr(_native, "supports_decay", lambda *args: False)
     w = torch.tensor([[1.0, -2.0, 3.0, -4.0]])
     mask = nm_mask(w, 2, 4)
-    torch.testing.assert_close(decay_term(w, mask, 0.1), torch.tensor([[0.1, -0.2, 0.0, 0.0]]))
+    assert mask.tolist() == [[False, False, True, True]]
+    grad = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    out = add_decay_(grad, w, mask, 0.1)
+    assert out is grad  # in place
+    torch.testing.assert_close(grad, torch.tensor([[0.5 + 0.1, 0.5 - 0.2, 0.5, 0.5]]))
 
 
 def test_ste_saves_nothing_for_backward():
@@ -221,3 +231,93 @@ def test_recompute_detects_in_place_change():
         layer.parametrizations.weight.original.add_(1.0)
     with pytest.raises(RuntimeError, match=r"modified in place between forward and backward"):
         out.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- -0.0, bit for bit
+_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _signed_zero_weight(dtype: torch.dtype) -> torch.Tensor:
+    """Groups of 4 where -0.0 is kept (the others are smaller... none: three more -0.0/+0.0 ties) or pruned."""
+    w = torch.tensor(
+        [
+            [-0.0, 0.0, -0.0, 0.0, 1.0, -2.0, -0.0, 0.0],  # group 1: all zero, ties: keeps indices 0, 1 (-0.0, +0.0)
+            [3.0, -0.0, -1.0, 2.0, -5.0, -0.0, 4.0, -3.0],  # -0.0 pruned everywhere; pruned negatives
+        ],
+        dtype=dtype,
+    )
+    return w
+
+
+def _expected_masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Independent: the kept entries' exact bits, +0.0 (all-zero bits) elsewhere."""
+    it = _INT[w.dtype]
+    return torch.where(mask, w.view(it), torch.zeros((), dtype=it)).view(w.dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(_INT[t.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("path", ["native", "torch", "n_equals_m", "fixed_mask", "ste_backward_rebuild",
+                                  "frozen_backward_rebuild", "not_straight_through"])
+def test_kept_negative_zero_stays_and_pruned_are_positive_zero(dtype, path, monkeypatch):
+    from nm_lightning import _native
+    from nm_lightning.masks import nm_masked
+    from nm_lightning.srste import _pack, _unpack
+
+    w = _signed_zero_weight(dtype)
+    n, m = (4, 4) if path == "n_equals_m" else (2, 4)
+    if path == "native" and not _native.supports(w, m):
+        pytest.skip("no native kernel here")
+    if path != "native":
+        monkeypatch.setattr(_native, "supports", lambda *a: False)
+    mask = nm_mask(w, n, m)
+    if n < m:
+        assert mask[0, :4].tolist() == [True, True, False, False]  # the kept -0.0 at [0, 0]
+    if path in ("native", "torch", "n_equals_m"):
+        out, mask2 = nm_masked(w, n, m)
+        assert torch.equal(mask2, mask)
+    elif path == "fixed_mask":
+        out = fixed_mask(w.clone().requires_grad_(True), mask)
+        out.sum().backward()  # still differentiable
+    elif path in ("ste_backward_rebuild", "frozen_backward_rebuild"):
+        src = w.clone().requires_grad_(True)
+        fwd = ste_nm(src, n, m)[0] if path == "ste_backward_rebuild" else fixed_mask(src, mask)
+        from nm_lightning.srste import tag_masked_weight
+
+        tag_masked_weight(fwd, src, mask)
+        assert torch.equal(_bits(fwd), _bits(_expected_masked(w, mask)))
+        out = _unpack(_pack(fwd))  # what backward gets in place of the saved masked weight
+    else:  # the DominoSearch parametrization: dynamic mask, no straight-through gradient
+        layer = nn.Linear(8, 2, bias=False).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        sp = attach(layer, plan_layers(layer, n, m))["weight"].sparsity
+        sp.straight_through = False
+        out = layer.weight
+    assert out.dtype == dtype
+    assert torch.equal(_bits(out), _bits(_expected_masked(w, mask))), (path, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_paths_agree_bit_for_bit_on_random_weights_with_signed_zeros(dtype, monkeypatch):
+    from nm_lightning import _native
+    from nm_lightning.masks import nm_masked
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-2, 3, (16, 32, 3), generator=g).to(dtype)
+    w[torch.rand(w.shape, generator=g) < 0.3] = -0.0
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(_native, "supports", lambda *a: False)
+        for n, m in [(1, 4), (2, 4), (3, 8), (5, 16), (16, 16)]:
+            masked, mask = nm_masked(w, n, m)
+            assert torch.equal(_bits(masked), _bits(_expected_masked(w, mask)))
+            assert torch.equal(_bits(fixed_mask(w, mask)), _bits(masked))
+            assert torch.equal(_bits(ste_nm(w, n, m)[0]), _bits(masked))
+            results.append(_bits(masked))
+    half = len(results) // 2
+    assert all(torch.equal(a, b) for a, b in zip(results[:half], results[half:], strict=True))
