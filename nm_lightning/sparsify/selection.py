@@ -107,6 +107,12 @@ def _weight_params(module: nn.Module, cls: type) -> list[str]:
     return [p for p in names if get_param(module, p) is not None]
 
 
+def _input_dim(cls: type, param_name: str) -> int:
+    """The registered input dim (1 for the known-but-unsupported types, which are skipped before any use)."""
+    dim = input_dim_of(cls, param_name)
+    return 1 if dim is None else dim
+
+
 def _check_known(types: tuple[type, ...]) -> None:
     """An included type needs a known input dimension: never guess which dim the groups run along."""
     for t in types:
@@ -189,7 +195,7 @@ def plan_layers(
             if plan.status == "covered":
                 plan.state = NMLayerState(
                     plan.fqn, plan.shape, m=lm, target_n=ln, n=ln, layout=layout,
-                    input_dim=input_dim_of(cls, param_name) or 1, owner=owner,
+                    input_dim=_input_dim(cls, param_name), owner=owner,
                 )  # fmt: skip
             plans.append(plan)
     if scheme is not None:
@@ -256,7 +262,7 @@ def _decide(
         if embeddings.intersection(shared):
             return "excluded", f"weight is shared with {', '.join(shared)} (tied to an embedding: stays dense)"
         return "skipped", f"weight is shared with {', '.join(shared)} (tied weights)"
-    reason = check_nm(p.shape, n, m, layout, input_dim=input_dim_of(cls, plan.param_name) or 1)
+    reason = check_nm(p.shape, n, m, layout, input_dim=_input_dim(cls, plan.param_name))
     if reason is not None:
         groups = getattr(module, "groups", 1)
         if groups > 1 and groups == getattr(module, "in_channels", 0):
