@@ -26,12 +26,15 @@ from torch.nn.utils import parametrize
 
 from nm_lightning.export._util import (
     atomic_torch_save,
+    canonical_copy,
     check_plain,
     dtype_from_name,
     dtype_name,
     effective_weight,
     load_weights_only,
     nm_infos,
+    open_envelope,
+    seal,
     state_dict_of,
 )
 from nm_lightning.sparsify import detach, plain_state_dict
@@ -55,7 +58,7 @@ MIN_SHAPES: dict[str, dict[torch.dtype, tuple[int, int]]] = {
     "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.int8: (16, 128)},
 }
 FORMAT = "nm_lightning.semi_structured_cutlass"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -335,8 +338,9 @@ def save_semi_structured(
     Runs on CPU. A weight is packed when it is a 2-D (or 1x1 conv) fp16/bf16 weight (after casting to
     ``dtype`` if given), exactly 2:4 along the input dimension and a multiple of the CUTLASS minimum
     block (32x64). Layers of a sparsified model with another N:M, and all other tensors, are stored as-is.
-    File: ``{"format", "version", "order", "tensors": {key: tensor}, "layers": {key: {"shape", "dtype",
-    "packed", "meta"}}}`` (``weights_only``-loadable).
+    File (``weights_only``-loadable): ``{"format", "version": 2, "order", "tensors": {key: tensor},
+    "layers": {key: {"shape", "dtype", "packed", "meta"}}, "sha256"}``, the digest covering the whole
+    payload as in :mod:`nm_lightning.export.packed`.
     """
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
@@ -348,8 +352,7 @@ def save_semi_structured(
     skipped: dict[str, str] = {}
     for key, value in plain.items():
         check_plain(value, key)
-        if isinstance(value, torch.Tensor):
-            value = value.detach().to("cpu", copy=True).contiguous()
+        value = canonical_copy(value)
         info = infos.get(key)
         # a sparsified model: its N:M layers; a plain state dict: every float weight that is 2:4
         candidate = info is not None or (not infos and key.endswith("weight") and _is_float(value))
@@ -370,10 +373,14 @@ def save_semi_structured(
             tensors[key] = value
             continue
         packed, meta = sparse_semi_structured_from_dense_cutlass(w)
-        layers[key] = {"shape": list(value.shape), "dtype": dtype_name(w.dtype), "packed": packed, "meta": meta}
-    atomic_torch_save(
-        {"format": FORMAT, "version": VERSION, "order": list(plain), "tensors": tensors, "layers": layers}, path
-    )
+        layers[key] = {
+            "shape": list(value.shape),
+            "dtype": dtype_name(w.dtype),
+            "packed": packed.contiguous().clone(),
+            "meta": meta.contiguous().clone(),
+        }
+    payload = {"format": FORMAT, "version": VERSION, "order": list(plain), "tensors": tensors, "layers": layers}
+    atomic_torch_save(seal(payload), path)
     return skipped
 
 
@@ -381,36 +388,80 @@ def _is_float(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
 
 
+def _check_cutlass_entry(entry: Any, key: str, where: str) -> tuple[list[int], torch.dtype]:
+    """Every field of a stored CUTLASS layer against its shape: ``packed [rows, cols/2]``, ``meta [rows, cols/16]``."""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"{where}: layer {key!r}: {msg}")
+
+    if not isinstance(entry, Mapping):
+        raise bad(f"expected a dict, got {type(entry).__name__}")
+    fields = {"shape", "dtype", "packed", "meta"}
+    if set(entry) != fields:
+        raise bad(f"fields must be {sorted(fields)}, got {sorted(map(str, entry))}")
+    shape = entry["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (2, 4)
+        or not all(type(s) is int and s > 0 for s in shape)
+        or (len(shape) == 4 and shape[2:] != [1, 1])
+    ):
+        raise bad(f"field 'shape' must be [rows, cols] or [rows, cols, 1, 1] (positive ints), got {shape!r}")
+    dtype = dtype_from_name(entry["dtype"], f"{where}: layer {key!r} field 'dtype'")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise bad(f"field 'dtype' must be float16 or bfloat16, got {entry['dtype']!r}")
+    rows, cols = shape[0], shape[1]
+    min_r, min_c = MIN_SHAPES["cutlass"][dtype]
+    if rows % min_r or cols % min_c:
+        raise bad(f"shape {rows}x{cols} is not a multiple of the CUTLASS block {min_r}x{min_c}")
+    for name, want_dtype, want_shape in (
+        ("packed", dtype, (rows, cols // 2)),
+        ("meta", torch.int16, (rows, cols // 16)),
+    ):
+        t = entry[name]
+        if not isinstance(t, torch.Tensor) or t.dtype != want_dtype or tuple(t.shape) != want_shape:
+            raise bad(
+                f"field {name!r} must be a {want_dtype} tensor of shape {list(want_shape)}, got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}"
+            )
+    return shape, dtype
+
+
 def load_semi_structured(path: str | Path) -> dict[str, Any]:
-    """Read a :func:`save_semi_structured` file into the plain dense-with-zeros state dict (on CPU)."""
+    """Read a :func:`save_semi_structured` file into the plain dense-with-zeros state dict (on CPU).
+
+    Before decoding: format and version, every tensor plain and owning exactly its storage, the digest
+    over the whole payload, the key list (no key twice, none missing or extra) and every layer's fields
+    against its shape; after decoding, every layer must be 2:4. Errors are ``ValueError`` naming the path.
+    """
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
 
+    where = str(path)
     data = load_weights_only(path, "nm_lightning semi-structured")
-    if not isinstance(data, Mapping) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        got = (data.get("format"), data.get("version")) if isinstance(data, Mapping) else type(data).__name__
-        raise ValueError(f"{path}: not an nm_lightning semi-structured file v{VERSION} (got {got!r})")
+    order, tensors, layers = open_envelope(data, where, FORMAT, VERSION, "nm_lightning semi-structured")
+    checked = {key: _check_cutlass_entry(entry, key, where) for key, entry in layers.items()}
     out: dict[str, Any] = {}
-    for key in data["order"]:
-        if key in data["layers"]:
-            entry = data["layers"][key]
-            dtype = dtype_from_name(entry.get("dtype"), f"{path}: layer {key!r} field 'dtype'")
-            packed, meta = entry.get("packed"), entry.get("meta")
-            if not isinstance(packed, torch.Tensor) or packed.dtype != dtype or not isinstance(meta, torch.Tensor):
-                raise ValueError(f"{path}: layer {key!r}: fields 'packed' ({dtype}) and 'meta' must be tensors")
-            dense = sparse_semi_structured_to_dense_cutlass(packed, meta)
-            out[key] = dense.reshape(entry["shape"])
-        elif key in data["tensors"]:
-            out[key] = data["tensors"][key]
-        else:
-            raise ValueError(f"{path}: key {key!r} is listed but not stored")
+    for key in order:
+        if key not in layers:
+            out[key] = tensors[key]
+            continue
+        shape, _ = checked[key]
+        dense = sparse_semi_structured_to_dense_cutlass(layers[key]["packed"], layers[key]["meta"])
+        why = check_2to4(dense)
+        if why is not None:
+            raise ValueError(f"{where}: layer {key!r}: decoded weight is {why}")
+        out[key] = dense.reshape(shape)
     return out
 
 
 def semi_structured_weight(entry: Mapping[str, Any], device: str | torch.device = "cuda") -> torch.Tensor:
-    """A stored ``{"shape", "packed", "meta"}`` entry as a CUTLASS ``SparseSemiStructuredTensor`` (GPU)."""
+    """A stored ``{"shape", "dtype", "packed", "meta"}`` entry as a CUTLASS ``SparseSemiStructuredTensor`` (GPU).
+
+    The entry's fields are checked against its shape first (``ValueError`` naming the field).
+    """
     from torch.sparse import SparseSemiStructuredTensorCUTLASS
 
-    shape = list(entry["shape"])
+    shape, _ = _check_cutlass_entry(entry, "entry", "semi_structured_weight")
     return SparseSemiStructuredTensorCUTLASS(
         torch.Size(shape[:2]),
         packed=entry["packed"].to(device),
