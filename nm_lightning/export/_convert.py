@@ -308,10 +308,11 @@ def end_to_end(
 ) -> tuple[EndToEnd, list[str]]:
     """Time ``model`` with and without ``conversions`` and revert them until the whole model is not slower.
 
-    The timer runs under ``torch.inference_mode``. Each round times the dense model (every converted layer swapped back to its original) against the
-    model with the current conversions, interleaved (``timer``). While ``dense / converted < min_speedup``,
-    the conversion with the smallest measured per-layer gain is reverted and the round repeated. Leaves
-    the kept conversions installed; returns the measurements and the names of the kept layers.
+    Each round times the dense model (every converted layer swapped back to its original) against the
+    model with the current conversions, interleaved (``timer``, under ``torch.inference_mode``). While
+    ``dense / converted < min_speedup``, the conversion with the smallest measured per-layer gain is
+    reverted and the round repeated. Leaves the kept conversions installed; returns the measurements and
+    the names of the kept layers.
     """
     active = list(conversions)
     result = EndToEnd()
