@@ -241,7 +241,10 @@ def write_artifacts(
         _fsync_dir(out.parent)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        detail = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+        root: BaseException = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        detail = root.strerror if isinstance(root, OSError) and root.strerror else f"{type(root).__name__}: {root}"
         new = OSError(
             err.errno if isinstance(err, OSError) and err.errno else errno.EIO,
             f"cannot write the export {out}: writing {current.name}: {detail} (left unchanged: {out})",
