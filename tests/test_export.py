@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -660,6 +662,18 @@ def test_to_semi_structured_reverts_and_refuses_wrong_outputs():
     assert all("cusparselt: output differs" in r.reason for r in report.layers)
     with pytest.raises(ValueError, match="needs example_input"):
         to_semi_structured(model)
+
+
+def test_gpu_check_script_is_ready(tmp_path):
+    """benchmarks/gpu_check.sh parses, and its Python sections run end to end on the CPU (``--dry-run``)."""
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "gpu", "amp", "mask", "mlp", "--dry-run"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "gpu: OK, amp: OK, mask: OK, mlp: OK" in res.stdout
 
 
 # ---------------------------------------------------------------------------------------------- export_artifacts
