@@ -29,6 +29,7 @@ from nm_lightning.export import (
     write_artifacts,
 )
 from nm_lightning.export._util import payload_digest, sha256_file
+from nm_lightning.export.artifacts import check_export_destination
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -334,6 +335,7 @@ def test_export_replaces_the_previous_one_as_a_unit(tmp_path, monkeypatch):
     write_artifacts(model2, out, ("packed",))
     assert set(_snapshot(out)) == {"model_packed.pt", "scheme.json"}  # a whole new export, no leftovers
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    (out / ".model_dense.pt.0a1b2c.tmp").write_bytes(b"")  # left by an interrupted write: not foreign
     monkeypatch.setattr(artifacts_mod, "_exchange", lambda a, b: False)  # an OS without atomic exchange
     write_artifacts(_model(), out, extra_files={"summary.json": {"acc": 0.5}})
     assert _snapshot(out).keys() == first.keys()
@@ -431,6 +433,9 @@ def test_destination_that_is_not_an_export_is_refused(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="exists and is not a directory"):
         write_artifacts(_model(), tmp_path / "file")
+    with pytest.raises(ValueError, match=r"\['notes.txt'\]"):
+        check_export_destination(out)  # what a callback can check at setup, before training
+    check_export_destination(tmp_path / "new" / "export")
     monkeypatch.chdir(out)
     with pytest.raises(ValueError, match="is the working directory or one of its parents"):
         write_artifacts(_model(), ".")

@@ -28,7 +28,14 @@ from nm_lightning.export.semi_structured import save_semi_structured
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["export_artifacts", "write_artifacts", "check_formats", "FORMATS", "FILE_NAMES"]
+__all__ = [
+    "export_artifacts",
+    "write_artifacts",
+    "check_export_destination",
+    "check_formats",
+    "FORMATS",
+    "FILE_NAMES",
+]
 
 FORMATS = ("dense", "packed", "semi_structured")
 FILE_NAMES = {"dense": "model_dense.pt", "packed": "model_packed.pt", "semi_structured": "model_2to4_cutlass.pt"}
@@ -56,6 +63,25 @@ def _own_names(out: Path, extra_files: Mapping[str, Any]) -> set[str]:
     return names
 
 
+def check_export_destination(out_dir: str | Path, extra_files: Mapping[str, Any] | Sequence[str] = ()) -> None:
+    """Raise now what :func:`write_artifacts` would refuse for ``out_dir`` (e.g. at setup, before training).
+
+    ``ValueError`` for a destination that is not a directory, is the working directory (or a parent of
+    it), or holds entries that are not part of an export; ``OSError`` naming the path when the folder
+    that will hold the export cannot be created or written.
+    """
+    names = dict.fromkeys(extra_files) if not isinstance(extra_files, Mapping) else extra_files
+    out = Path(out_dir)
+    _check_destination(out, names)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(parent, err, "create the folder for the export") from err
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise write_error(out, OSError(errno.EACCES, os.strerror(errno.EACCES)), "write the export next to")
+
+
 def _check_destination(out: Path, extra_files: Mapping[str, Any]) -> None:
     """Refuse a destination that is not a directory of a previous export (it is replaced as a whole)."""
     for name in extra_files:
@@ -78,7 +104,10 @@ def _check_destination(out: Path, extra_files: Mapping[str, Any]) -> None:
         entries = set(os.listdir(out))
     except OSError as err:
         raise write_error(out, err, "read the export dir") from err
-    foreign = sorted(entries - _own_names(out, extra_files))
+    own = _own_names(out, extra_files)
+    # a temporary file an interrupted atomic write of ours left behind (".<name>.<hex>.tmp")
+    leftovers = {e for e in entries if e.endswith(".tmp") and any(e.startswith(f".{n}.") for n in own)}
+    foreign = sorted(entries - own - leftovers)
     if foreign:
         raise ValueError(
             f"export dir {out} holds entries that are not part of an nm_lightning export: {foreign[:10]}"
