@@ -3,8 +3,9 @@
 Usage: python benchmarks/cpu_inference.py [--threads T] [--repeats R] [--batch B] [--hidden H]
 
 1. MLP (hidden 4096, four hidden Linear layers at 2:16 / 1:16 alternately, dense 10-way head), batch 32:
-   per-layer table from ``to_cpu_sparse`` and end-to-end medians of the dense model (masked weights),
-   a CSR-only conversion, and ``to_cpu_sparse``'s choice, measured side by side (interleaved repetitions).
+   per-layer table from ``to_cpu_sparse`` (with its own end-to-end check, which reverts layers until the
+   whole model is not slower) and end-to-end medians of the dense model (masked weights), a CSR-only
+   conversion, and ``to_cpu_sparse``'s choice, measured side by side (interleaved repetitions).
 2. A small CNN (four 3x3 convs at 2:8, 1x1 conv, Linear) to show the fallback: never slower than dense.
 """
 
@@ -75,13 +76,16 @@ def main() -> None:
     x = torch.randn(args.batch, h)
     dense = plain_copy(lambda: mlp(h), sparse)
     csr = plain_copy(lambda: mlp(h), sparse)
-    to_cpu_sparse(csr, x, kernels=("csr",), min_speedup=0.0, max_density=0.2, repeats=3, verbose=False)
+    to_cpu_sparse(
+        csr, x, kernels=("csr",), min_speedup=0.0, end_to_end_min_speedup=0.0, max_density=0.2, repeats=3, verbose=False
+    )
     report = to_cpu_sparse(sparse, x, repeats=args.repeats)
     with torch.inference_mode():
         ref = dense(x)
         for name, m in (("csr", csr), ("ours", sparse)):
             diff = float((m(x) - ref).abs().max())
             print(f"MLP {name}: max |out - dense| = {diff:.3g} (max |dense| {float(ref.abs().max()):.3g})")
+    print(f"to_cpu_sparse's own check: {report.end_to_end.summary() if report.end_to_end else 'nothing converted'}")
     t = end_to_end({"dense": dense, "csr": csr, "ours": sparse}, x, args.repeats)
     print(f"\nMLP hidden {h}, batch {args.batch}, layers {', '.join(f'{n}:{m}' for n, m in scheme.values())}")
     print("| model | median ms | speedup vs dense |\n|---|---|---|")
@@ -96,6 +100,7 @@ def main() -> None:
     rep_cnn = to_cpu_sparse(cnn, xc, repeats=max(5, args.repeats // 3))
     tc = end_to_end({"dense": dense_cnn, "ours": cnn}, xc, max(5, args.repeats // 2))
     print(f"\nSmall CNN 2:8 (batch 16, 16x32x32): choices {rep_cnn.choices}; output OK: {rep_cnn.ok}")
+    print(f"to_cpu_sparse's own check: {rep_cnn.end_to_end.summary() if rep_cnn.end_to_end else 'nothing converted'}")
     print("| model | median ms | speedup vs dense |\n|---|---|---|")
     for k, v in tc.items():
         print(f"| {k} | {v:.2f} | {tc['dense'] / v:.2f}x |")

@@ -1,7 +1,9 @@
 """Packed N:M file size relative to the dense-with-zeros file, on one large Linear.
 
 Usage: python benchmarks/export_sizes.py [--features 4096]
-Ratios are file bytes (torch.save zip of the Linear's weight + bias) packed / dense, for both index codings.
+Ratios are file bytes (torch.save zip of the Linear's weight + bias) packed / dense, for both index codings,
+and for a weight pruned with ``w.mul_(mask)`` (-0.0 in pruned positions, as ASP and torch.ao leave it): the
+packed size must not depend on the sign of pruned zeros.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ def main() -> None:
     args = ap.parse_args()
     f = args.features
     print(f"Linear {f}x{f} (+ bias), torch {torch.__version__}")
-    print("| N:M | dtype | dense MB | packed MB (bits) | ratio (bits) | ratio (combinatorial) | save s | load s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| N:M | dtype | dense MB | packed MB (bits) | ratio (bits) | ratio (combinatorial) | "
+        "ratio (mul_ mask, -0.0) | save s | load s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for n, m in [(2, 4), (4, 8), (2, 16), (1, 16)]:
@@ -41,6 +46,11 @@ def main() -> None:
                     path = save_packed(lin, d / f"{coding}.pt", scheme={"weight": (n, m)}, coding=coding)
                     t_save = time.perf_counter() - t0
                     sizes[coding] = path.stat().st_size
+                neg = nn.Linear(f, f).to(dtype)
+                with torch.no_grad():
+                    neg.weight.copy_(torch.randn(f, f).to(dtype))
+                    neg.weight.mul_(nm_mask(neg.weight, n, m))  # pruned entries: -0.0 where negative
+                signed = save_packed(neg, d / "neg.pt", scheme={"weight": (n, m)}).stat().st_size
                 t0 = time.perf_counter()
                 sd = load_packed(d / "combinatorial.pt")
                 t_load = time.perf_counter() - t0
@@ -49,7 +59,7 @@ def main() -> None:
                 bits, comb = sizes["bits"], sizes["combinatorial"]
                 print(
                     f"| {n}:{m} | {name} | {dense / 2**20:.1f} | {bits / 2**20:.1f} | {bits / dense:.4f} | "
-                    f"{comb / dense:.4f} | {t_save:.2f} | {t_load:.2f} |"
+                    f"{comb / dense:.4f} | {signed / dense:.4f} | {t_save:.2f} | {t_load:.2f} |"
                 )
 
 

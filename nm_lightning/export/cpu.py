@@ -17,17 +17,27 @@ sparse product with the weight viewed as ``[out, in * kh * kw]``, so any layout 
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nm_lightning.export._convert import (
+    Conversion,
+    ConversionReport,
+    Timer,
+    TimingContext,
+    call_model,
+    compare_outputs,
+    cpu_timer,
+    end_to_end,
+    ms_cell,
+    replace_module,
+)
 from nm_lightning.sparsify import detach
 
 __all__ = ["SparseLinearCPU", "SparseConv2dCPU", "CPUSparseReport", "to_cpu_sparse", "ell_from_dense", "KERNELS"]
@@ -188,21 +198,32 @@ class LayerChoice:
         return self.times_ms["dense"] / self.times_ms[self.kernel]
 
 
-@dataclass
-class CPUSparseReport:
-    """Per-layer kernel choices and timings of :func:`to_cpu_sparse`, and the end-to-end output check."""
+@dataclass(kw_only=True)
+class CPUSparseReport(ConversionReport):
+    """Per-layer kernel choices and timings of :func:`to_cpu_sparse`, the end-to-end timing and output check."""
 
     threads: int
     layers: list[LayerChoice] = field(default_factory=list)
-    max_abs_diff: float | None = None
-    ref_max_abs: float | None = None
-    tolerance: float | None = None
 
-    @property
-    def ok(self) -> bool | None:
-        if self.max_abs_diff is None or self.tolerance is None:
-            return None
-        return self.max_abs_diff <= self.tolerance
+    columns: ClassVar[tuple[str, ...]] = (
+        "layer", "type", "weight", "input", "density", "dense ms", "ell ms", "csr ms", "chosen", "x", "why",
+    )  # fmt: skip
+
+    def _title(self) -> str:
+        return f"CPU sparse inference ({self.threads} threads; ms = median per call)"
+
+    def _row(self, c: LayerChoice) -> list[str]:
+        return [
+            c.name,
+            c.type_name,
+            "x".join(map(str, c.weight_shape)),
+            "x".join(map(str, c.input_shape)) if c.input_shape else "-",
+            f"{c.density:.3f}" if c.density is not None else "-",
+            *(ms_cell(c.times_ms, k) for k in ("dense", *KERNELS)),
+            c.kernel,
+            f"{c.speedup:.2f}" if c.speedup else "-",
+            c.reason,
+        ]
 
     @property
     def choices(self) -> dict[str, str]:
@@ -210,93 +231,18 @@ class CPUSparseReport:
 
     @property
     def layer_speedup(self) -> float | None:
-        """Sum of dense times / sum of chosen times over the timed layers (an estimate; run a benchmark)."""
+        """Sum of dense times / sum of chosen times over the timed layers (an estimate; see ``end_to_end``)."""
         timed = [c for c in self.layers if "dense" in c.times_ms]
         if not timed:
             return None
         dense = sum(c.times_ms["dense"] for c in timed)
         return dense / sum(c.times_ms[c.kernel] for c in timed)
 
-    def table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title=f"CPU sparse inference ({self.threads} threads; ms = median per call)")
-        for col in (
-            "layer",
-            "type",
-            "weight",
-            "input",
-            "density",
-            "dense ms",
-            "ell ms",
-            "csr ms",
-            "chosen",
-            "x",
-            "why",
-        ):
-            table.add_column(col, overflow="fold")
-        for c in self.layers:
-            t = c.times_ms
-            cell = {k: f"{t[k]:.3f}" if k in t else "-" for k in ("dense", *KERNELS)}
-            table.add_row(
-                c.name,
-                c.type_name,
-                "x".join(map(str, c.weight_shape)),
-                "x".join(map(str, c.input_shape)) if c.input_shape else "-",
-                f"{c.density:.3f}" if c.density is not None else "-",
-                cell["dense"],
-                cell["ell"],
-                cell["csr"],
-                c.kernel,
-                f"{c.speedup:.2f}" if c.speedup else "-",
-                c.reason,
-            )
-        notes = []
-        if self.layer_speedup:
-            notes.append(f"timed layers: {self.layer_speedup:.2f}x faster than dense")
-        if self.max_abs_diff is not None:
-            notes.append(
-                f"output vs masked dense: max |diff| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}) "
-                f"-> {'OK' if self.ok else 'FAILED'}"
-            )
-        table.caption = "; ".join(notes) or None
-        return table
-
-    def print(self) -> None:
-        from rich.console import Console
-
-        Console(width=180).print(self.table())
-
 
 # ---------------------------------------------------------------------------------------------- conversion
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
     """Median milliseconds per call of each function, run round-robin so background load hits all alike."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                samples[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    return model(*x) if isinstance(x, tuple) else model(x)
-
-
-def _tolerance(ref: torch.Tensor, rtol: float | None) -> float:
-    if rtol is None:
-        rtol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2
-    return rtol * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return cpu_timer(fns, repeats=repeats, warmup=warmup, context=TimingContext("layer"))
 
 
 def to_cpu_sparse(
@@ -306,19 +252,31 @@ def to_cpu_sparse(
     kernels: Sequence[str] = KERNELS,
     max_density: float = 0.5,
     min_speedup: float = 1.05,
+    end_to_end_min_speedup: float = 1.0,
     repeats: int = 15,
     warmup: int = 2,
     rtol: float | None = None,
+    timer: Timer | None = None,
     verbose: bool = True,
 ) -> CPUSparseReport:
     """Swap sparse Linear/Conv2d layers of a CPU ``model`` for the fastest kernel on their real shapes, in place.
 
-    ``example_input`` (a tensor, or a tuple of positional arguments) is run once with hooks to record
-    each layer's input. N:M parametrizations are removed first (the masked weights stay), the model is
-    put in eval mode, and every Linear/Conv2d weight with density <= ``max_density`` is timed dense vs
-    each of ``kernels`` on its recorded input (interleaved, median of ``repeats``). A sparse kernel is
-    used only when it is at least ``min_speedup`` times faster than dense and matches the dense layer's
-    output; everything else stays dense. The converted model's output is checked against the original.
+    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword arguments) is run
+    once with hooks to record each layer's input. N:M parametrizations are removed first (the masked
+    weights stay) and the model is put in eval mode. Then:
+
+    1. per layer: every Linear/Conv2d weight with density <= ``max_density`` is timed dense vs each of
+       ``kernels`` on its recorded input (interleaved, median of ``repeats``); a sparse kernel is chosen
+       only when it is at least ``min_speedup`` times faster than dense and matches the dense layer's output;
+    2. end to end: the whole converted model is timed against the dense one (interleaved, median); while
+       it is slower than ``dense / end_to_end_min_speedup``, the converted layer with the smallest measured
+       gain is reverted to dense and the model timed again (layers that win alone can lose together:
+       caches, memory traffic, thread pools);
+    3. every tensor of the output (tensor, tuple/list, dict or ``ModelOutput``, nested) is compared with
+       the original model's; if any differs, every layer is reverted and ``report.ok`` stays False.
+
+    ``timer`` (see :mod:`nm_lightning.export._convert`) replaces the wall-clock timer, e.g. to test the
+    decisions deterministically.
     """
     bad = [k for k in kernels if k not in KERNELS]
     if bad:
@@ -330,6 +288,7 @@ def to_cpu_sparse(
     for pname, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type != "cpu":
             raise ValueError(f"to_cpu_sparse needs a CPU model; {pname!r} is on {p.device}")
+    timer = timer or cpu_timer
 
     model.eval()
     candidates: dict[str, nn.Module] = {}
@@ -344,13 +303,14 @@ def to_cpu_sparse(
     ]
     try:
         with torch.inference_mode():
-            ref = _call(model, example_input)
+            ref = call_model(model, example_input)
     finally:
         for h in hooks:
             h.remove()
     detach(model)
 
     report = CPUSparseReport(threads=torch.get_num_threads())
+    conversions: dict[str, Conversion] = {}
     for name, module in candidates.items():
         weight = module.weight.detach()
         choice = LayerChoice(name, type(module).__name__, tuple(weight.shape), None, None)
@@ -382,30 +342,45 @@ def to_cpu_sparse(
                     wrapper = SparseLinearCPU(weight, module.bias, k)
                 with torch.inference_mode():
                     out = wrapper(x)
-                diff = float((out - dense_out).abs().max()) if out.numel() else 0.0
-                if out.shape != dense_out.shape or diff > _tolerance(dense_out, rtol):
-                    notes.append(f"{k}: output differs (max |diff| {diff:.3g})")
+                check = compare_outputs(dense_out, out, rtol)
+                if not check.ok:
+                    notes.append(f"{k}: output differs ({check.summary()})")
                     continue
             except (RuntimeError, ValueError, NotImplementedError) as err:
                 notes.append(f"{k}: {type(err).__name__}: {str(err).splitlines()[0][:80]}")
                 continue
             wrappers[k] = wrapper
             fns[k] = lambda w=wrapper, x=x: w(x)
-        choice.times_ms = time_interleaved(fns, repeats, warmup)
+        with torch.inference_mode():
+            choice.times_ms = timer(fns, repeats=repeats, warmup=warmup, context=TimingContext("layer", name))
         best = min(wrappers, key=lambda k: choice.times_ms[k], default=None)
         if best is not None and choice.times_ms["dense"] >= min_speedup * choice.times_ms[best]:
             choice.kernel = best
-            _replace(model, name, wrappers[best])
+            replace_module(model, name, wrappers[best])
+            conversions[name] = Conversion(module, wrappers[best], choice.times_ms["dense"] - choice.times_ms[best])
         else:
             notes.insert(0, f"no sparse kernel >= {min_speedup}x faster than dense")
         choice.reason = "; ".join(notes)
 
+    rows = {c.name: c for c in report.layers}
+    if conversions:
+        report.end_to_end, kept = end_to_end(
+            model, example_input, conversions, timer, repeats=repeats, warmup=warmup, min_speedup=end_to_end_min_speedup
+        )
+        for name in report.end_to_end.reverted:
+            rows[name].reason = f"{rows[name].kernel} reverted: the whole model was not faster with it"
+            rows[name].kernel = "dense"
     with torch.inference_mode():
-        out = _call(model, example_input)
-    if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
-        report.max_abs_diff = float((out.float() - ref.float()).abs().max()) if ref.numel() else 0.0
-        report.ref_max_abs = float(ref.abs().max()) if ref.numel() else 0.0
-        report.tolerance = _tolerance(ref, rtol)
+        out = call_model(model, example_input)
+    report.output_check = compare_outputs(ref, out, rtol)
+    if not report.output_check.ok and conversions:
+        for name, c in conversions.items():
+            replace_module(model, name, c.original)
+            if rows[name].kernel != "dense":
+                rows[name].reason = f"{rows[name].kernel} reverted: the converted model's output differed"
+                rows[name].kernel = "dense"
+        report.notes.append("every layer reverted: the converted model's output differed (" +
+                            report.output_check.summary() + ")")  # fmt: skip
     if verbose:
         report.print()
     return report

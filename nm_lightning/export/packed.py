@@ -3,19 +3,34 @@
 File layout (``torch.save`` of tensors and plain containers only, so :func:`load_packed` reads it with
 ``torch.load(weights_only=True)``; no pickled code)::
 
-    {"format": "nm_lightning.packed", "version": 1, "order": [every key, in state-dict order],
+    {"format": "nm_lightning.packed", "version": 2, "order": [every key, in state-dict order],
      "tensors": {key: tensor or plain value},              # everything stored as-is
      "layers": {key: {"shape": [...], "dtype": "float16", "n": 2, "m": 4, "layout": "input_channel",
                       "coding": "bits" | "combinatorial", "bits": b, "groups": G,
                       "values": Tensor[G * n],              # kept values, group by group, ascending position
-                      "codes": uint8 Tensor,                # G codes of b bits each, little-endian bit stream
-                      "sha256": hex of (values, codes)}}}
+                      "codes": uint8 Tensor}},              # G codes of b bits each, little-endian bit stream
+     "sha256": digest of everything above}                 # key list, header fields and every tensor
+
+The digest is one sha256 over a canonical serialization of the whole payload (the key list, every
+header field, the biases and other ``tensors`` entries, the packed values and codes). The loader checks,
+before it decodes or allocates anything: the format and version (version 1 files, which had per-layer
+checksums only, are refused), that every stored tensor is a plain contiguous CPU tensor owning exactly
+its storage (so a zero-stride view cannot claim a large layer over a few bytes, and nothing decoded is
+larger than ``m / n`` times the stored values), the digest, the key list (no key twice, none both in
+``tensors`` and ``layers``, none missing or extra), and every layer's fields against its shape and N:M.
 
 Each group of ``m`` (see :mod:`nm_lightning.masks` for the ``input_channel``/``flat`` grouping) keeps
 exactly ``n`` entries. ``coding="bits"`` stores each kept position in ``ceil(log2(m))`` bits;
 ``coding="combinatorial"`` stores the group's choice as its rank among the ``C(m, n)`` sorted
 position sets in ``ceil(log2(C(m, n)))`` bits (2:4: 3 bits per group instead of 4). ``"auto"`` picks
 combinatorial when ``C(m, n) <= 65536`` (every m <= 16), bits otherwise.
+
+Exact means exact up to the sign of a pruned zero. Each group stores exactly ``n`` values: its
+non-zeros (NaN included) first, then its -0.0 entries, then +0.0, lower position first; every other
+entry is decoded as +0.0. So a weight masked the way nm_lightning masks (``torch.where(mask, w, 0)``:
+pruned entries +0.0) round-trips bit for bit, a kept -0.0 included; a weight pruned with
+``w.mul_(mask)`` (ASP, ``torch.ao``) has -0.0 in pruned positions, which decode as +0.0. The file size
+never depends on the signs of zeros.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ from torch import nn
 from nm_lightning.export._util import (
     NMInfo,
     atomic_torch_save,
+    canonical_copy,
     check_plain,
     dtype_from_name,
     dtype_name,
@@ -42,7 +58,8 @@ from nm_lightning.export._util import (
     layer_name,
     load_weights_only,
     nm_infos,
-    sha256_tensors,
+    open_envelope,
+    seal,
     state_dict_of,
     to_groups,
 )
@@ -52,7 +69,7 @@ from nm_lightning.sparsify import plain_state_dict
 __all__ = ["save_packed", "load_packed", "pack_state_dict", "unpack_state_dict", "FORMAT", "VERSION"]
 
 FORMAT = "nm_lightning.packed"
-VERSION = 1
+VERSION = 2
 Coding = Literal["auto", "bits", "combinatorial"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT_VIEW = {
@@ -62,7 +79,6 @@ _INT_VIEW = {
     torch.float64: torch.int64,
 }
 _MAX_TABLE = 1 << 16
-_EMPTY_U8 = torch.zeros(0, dtype=torch.uint8)
 _CHUNK = 1 << 20  # codes per bit-packing chunk (a multiple of 8)
 
 
@@ -176,11 +192,6 @@ def _pack_layer(weight: torch.Tensor, info: NMInfo, coding: str) -> dict[str, An
     codes = _encode_combinatorial(idx, m, n) if coding == "combinatorial" else idx.reshape(-1)
     bits = _code_bits(coding, n, m)
     stream = torch.from_numpy(pack_bits(codes.numpy(), bits))
-    # -0.0 in pruned positions (e.g. from ``w * mask``): one sign bit per pruned entry, only when present
-    signs = _EMPTY_U8
-    neg_pruned = (groups.view(_INT_VIEW[groups.dtype]) != 0) & ~keep
-    if bool(neg_pruned.any()):
-        signs = torch.from_numpy(np.packbits(neg_pruned[~keep].numpy(), bitorder="little"))
     return {
         "shape": list(shape),
         "dtype": dtype_name(weight.dtype),
@@ -190,10 +201,8 @@ def _pack_layer(weight: torch.Tensor, info: NMInfo, coding: str) -> dict[str, An
         "coding": coding,
         "bits": bits,
         "groups": n_groups,
-        "values": values,
-        "codes": stream,
-        "zero_signs": signs,
-        "sha256": sha256_tensors(values, stream, signs),
+        "values": values.contiguous().clone(),
+        "codes": stream.clone(),
     }
 
 
@@ -203,16 +212,19 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
 
     if not isinstance(entry, Mapping):
         raise bad(f"expected a dict, got {type(entry).__name__}")
-    need = ("shape", "dtype", "n", "m", "layout", "coding", "bits", "groups", "values", "codes", "zero_signs", "sha256")
+    need = ("shape", "dtype", "n", "m", "layout", "coding", "bits", "groups", "values", "codes")
     missing = [f for f in need if f not in entry]
     if missing:
         raise bad(f"missing field(s) {missing}")
+    unknown = sorted(set(entry) - set(need), key=str)
+    if unknown:
+        raise bad(f"unknown field(s) {unknown}")
     try:
         n, m, layout = validate_nm(entry["n"], entry["m"], entry["layout"])
     except (TypeError, ValueError) as err:
         raise bad(str(err)) from None
     shape = entry["shape"]
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and s > 0 for s in shape):
+    if not isinstance(shape, (list, tuple)) or not all(type(s) is int and s > 0 for s in shape):
         raise bad(f"field 'shape' must be a list of positive ints, got {shape!r}")
     shape = tuple(shape)
     dtype = dtype_from_name(entry["dtype"], f"{where}: layer {key!r} field 'dtype'")
@@ -222,6 +234,8 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
     reason = check_nm(shape, n, m, layout)
     if reason is not None:
         raise bad(f"shape {list(shape)} does not fit {n}:{m}: {reason}")
+    if coding == "combinatorial" and math.comb(m, n) > _MAX_TABLE:
+        raise bad(f"combinatorial coding supports C(m, n) <= {_MAX_TABLE}; {n}:{m} has {math.comb(m, n)}")
     groups = math.prod(shape) // m
     bits = _code_bits(coding, n, m)
     values, stream = entry["values"], entry["codes"]
@@ -241,16 +255,6 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
             f"field 'codes' must be a uint8 tensor of shape [{n_bytes}], got "
             f"{getattr(stream, 'dtype', type(stream).__name__)} {list(getattr(stream, 'shape', []))}"
         )
-    signs = entry["zero_signs"]
-    n_pruned = groups * (m - n)
-    if (
-        not isinstance(signs, torch.Tensor)
-        or signs.dtype != torch.uint8
-        or signs.numel() not in (0, (n_pruned + 7) // 8)
-    ):
-        raise bad(f"field 'zero_signs' must be an empty or [{(n_pruned + 7) // 8}] uint8 tensor")
-    if sha256_tensors(values, stream, signs) != entry["sha256"]:
-        raise bad("checksum mismatch: the stored values/codes are corrupted")
     if coding == "combinatorial":
         ranks = torch.from_numpy(unpack_bits(stream.numpy(), bits, groups))
         if groups and int(ranks.max()) >= math.comb(m, n):
@@ -260,12 +264,7 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
         idx = torch.from_numpy(unpack_bits(stream.numpy(), bits, groups * n)).reshape(groups, n)
         if groups and (int(idx.max()) >= m or (n > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()))):
             raise bad(f"positions out of range or not strictly increasing inside groups of {m}")
-    dense = torch.zeros(groups, m, dtype=dtype)
-    if signs.numel():
-        neg = torch.from_numpy(np.unpackbits(signs.numpy(), count=n_pruned, bitorder="little").astype(bool))
-        pruned = torch.ones(groups, m, dtype=torch.bool)
-        pruned.scatter_(1, idx, False)
-        dense[pruned] = torch.where(neg, -0.0, 0.0).to(dtype)
+    dense = torch.zeros(groups, m, dtype=dtype)  # pruned entries are +0.0
     dense.scatter_(1, idx, values.reshape(groups, n))
     return from_groups(dense, shape, m, layout)
 
@@ -325,26 +324,17 @@ def pack_state_dict(
             layers[key] = _pack_layer(value, info, coding)
             continue
         check_plain(value, key)
-        tensors[key] = value.detach().to("cpu", copy=True).contiguous() if isinstance(value, torch.Tensor) else value
-    return {"format": FORMAT, "version": VERSION, "order": list(plain), "tensors": tensors, "layers": layers}
+        tensors[key] = canonical_copy(value)
+    return seal({"format": FORMAT, "version": VERSION, "order": list(plain), "tensors": tensors, "layers": layers})
 
 
 def unpack_state_dict(packed: Mapping[str, Any], where: str = "packed state") -> dict[str, Any]:
-    """Inverse of :func:`pack_state_dict`: the plain state dict with exact dense-with-zeros weights."""
-    if not isinstance(packed, Mapping) or packed.get("format") != FORMAT:
-        got = packed.get("format") if isinstance(packed, Mapping) else type(packed).__name__
-        raise ValueError(f"{where}: not an nm_lightning packed file (format={got!r}, expected {FORMAT!r})")
-    if packed.get("version") != VERSION:
-        raise ValueError(f"{where}: unsupported packed version {packed.get('version')!r} (this reader: {VERSION})")
-    order, tensors, layers = packed.get("order"), packed.get("tensors"), packed.get("layers")
-    if not isinstance(order, list) or not isinstance(tensors, Mapping) or not isinstance(layers, Mapping):
-        raise ValueError(f"{where}: fields 'order' (list), 'tensors' and 'layers' (dicts) are required")
-    known = set(tensors) | set(layers)
-    if set(order) != known or len(order) != len(known) or set(tensors) & set(layers):
-        raise ValueError(
-            f"{where}: key list does not match the stored entries "
-            f"(missing {sorted(known - set(order))}, unknown {sorted(set(order) - known)})"
-        )
+    """Inverse of :func:`pack_state_dict`: the plain state dict with exact dense-with-zeros weights.
+
+    Checks the whole payload first (see the module docstring); a bad input is a ``ValueError`` that
+    names ``where``, the key and the field.
+    """
+    order, tensors, layers = open_envelope(packed, where, FORMAT, VERSION, "nm_lightning packed")
     return {key: _unpack_layer(layers[key], key, where) if key in layers else tensors[key] for key in order}
 
 
