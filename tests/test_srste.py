@@ -295,7 +295,7 @@ def test_kept_negative_zero_stays_and_pruned_are_positive_zero(dtype, path, monk
         with torch.no_grad():
             layer.weight.copy_(w)
         sp = attach(layer, plan_layers(layer, n, m))["weight"].sparsity
-        sp.straight_through = False
+        sp.state.straight_through = False  # the layer's N:M state owns the flag
         out = layer.weight
     assert out.dtype == dtype
     assert torch.equal(_bits(out), _bits(_expected_masked(w, mask))), (path, out)
