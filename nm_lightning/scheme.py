@@ -15,10 +15,11 @@ Accepted files (chosen by content, not by extension):
   file is ever evaluated.
 
 A layer with ``n == m`` is dense. Limits, so that a hostile or broken file gives a clear error instead of a
-crash or an exhausted machine: a file is at most :data:`MAX_SCHEME_BYTES` (16 MiB; a scheme for a model of
-10,000 layers is well under 1 MiB), nested at most :data:`MAX_SCHEME_DEPTH` levels, and a layer name is at
-most :data:`MAX_LAYER_NAME` characters. Every problem with a file's content is a ``ValueError`` that names
-the file, what was found (values echoed in a message are shortened to a few dozen characters) and what is
+crash or an exhausted machine: a file is at most :data:`MAX_SCHEME_BYTES` (16 MiB; the export metadata of
+a model of 10,000 layers is about 3 MB), a YAML file at most :data:`MAX_YAML_BYTES` (1 MiB: PyYAML is pure
+Python), nesting is at most :data:`MAX_SCHEME_DEPTH` levels, and a layer name at most
+:data:`MAX_LAYER_NAME` characters. Every problem with a file's content is a ``ValueError`` that names the
+file, what was found (values echoed in a message are shortened to a few dozen characters) and what is
 allowed; a key given twice is an error in every format, never "last one wins".
 """
 
@@ -41,12 +42,14 @@ from torch.nn.utils import parametrize
 
 from nm_lightning.masks import validate_nm
 
-__all__ = ["NMScheme", "MAX_SCHEME_BYTES", "MAX_SCHEME_DEPTH", "MAX_LAYER_NAME", "EXPORT_FORMAT"]
+__all__ = ["NMScheme", "MAX_SCHEME_BYTES", "MAX_YAML_BYTES", "MAX_SCHEME_DEPTH", "MAX_LAYER_NAME", "EXPORT_FORMAT"]
 
 MAX_SCHEME_BYTES = 16 * 1024 * 1024
 """Largest scheme file :meth:`NMScheme.load` reads, in bytes (16 MiB)."""
 MAX_SCHEME_DEPTH = 32
 """Deepest nesting of lists/mappings in a JSON or YAML scheme file (the export metadata uses 4)."""
+MAX_YAML_BYTES = 1024 * 1024
+"""Largest YAML scheme file, in bytes (1 MiB): PyYAML parses about 0.1 MB/s; write larger schemes as JSON."""
 MAX_LAYER_NAME = 1024
 """Longest layer name (characters) a scheme may hold."""
 EXPORT_FORMAT = "nm_lightning.export"
@@ -332,7 +335,13 @@ def _parse_json_or_yaml(text: str) -> object:
         try:
             return json.loads(text, object_pairs_hook=_unique_pairs)
         except json.JSONDecodeError as err:
-            json_error = f"{err.msg} at line {err.lineno} column {err.colno}"
+            json_error = f"{err.msg}: line {err.lineno}, column {err.colno}"
+    size = len(text.encode("utf-8"))
+    if size > MAX_YAML_BYTES:
+        raise ValueError(
+            f"not JSON ({_clip(json_error)}), and with {size:,} bytes too large to be read as YAML "
+            f"(at most {MAX_YAML_BYTES:,} bytes; write large schemes as JSON)"
+        )
     import yaml
 
     try:
@@ -388,62 +397,69 @@ def _yaml_loader() -> type:
 # DominoSearch text: a dict literal whose first key is a DominoSearch layer key
 _DOMINO_START = re.compile(r"""\s*\{\s*['"](?:SparseConv|Linear)\d+_""")
 _WS = re.compile(r"\s*")
-_ENTRY = re.compile(
-    r"""(?P<key>'[^'\\\n]*(?:\\.[^'\\\n]*)*'|"[^"\\\n]*(?:\\.[^"\\\n]*)*")\s*:\s*"""
-    r"""(?P<open>[\[(])(?P<body>[^\[\](){}'"]*)(?P<close>[\])])\s*"""
-)
+_KEY = re.compile(r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'" r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
+_COLON = re.compile(r"\s*:\s*")
+_VALUE = re.compile(r"""(?P<open>[\[(])(?P<body>[^\[\](){}'"]*)(?P<close>[\])])\s*""")
 _INT = re.compile(r"[+-]?\d{1,12}")
 _DOMINO_FORM = "{'<layer key>': [n, m], ...}"
 
 
 def _parse_domino(text: str) -> dict[str, list[int]]:
-    """The DominoSearch dict literal -> ``{key: [n, m]}``; a strict, linear-time parser of exactly that form."""
+    """The DominoSearch dict literal -> ``{key: [n, m]}``: a strict, linear-time parser of exactly that form
+    (quoted string keys; ``[n, m]`` or ``(n, m)`` of ints; whitespace and newlines anywhere between tokens)."""
 
-    def fail(pos: int, what: str) -> ValueError:
+    def fail(pos: int, what: str, found: bool = True) -> ValueError:
         line = text.count("\n", 0, pos) + 1
         col = pos - (text.rfind("\n", 0, pos) + 1) + 1
-        found = _show(text[pos : pos + 60]) if pos < len(text) else "the end of the file"
+        shown = ""
+        if found:
+            shown = f", found {_show(text[pos : pos + 60])}" if pos < len(text) else ", found the end of the file"
         return _Error(
             f"the text is not a Python dict literal of the DominoSearch form {_DOMINO_FORM}: at line {line}, "
-            f"column {col}: {what}, found {found}"
+            f"column {col}: {what}{shown}"
         )
 
     pos = _WS.match(text).end() + 1  # after "{" (checked by _DOMINO_START)
     pos = _WS.match(text, pos).end()
     entries: dict[str, list[int]] = {}
     while not text.startswith("}", pos):
-        match = _ENTRY.match(text, pos)
-        if match is None:
-            raise fail(pos, "expected a quoted layer key, ':' and [n, m]")
-        if {match["open"], match["close"]} not in ({"[", "]"}, {"(", ")"}):
-            raise fail(match.start("open"), "mismatched brackets around [n, m]")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # an invalid escape warns; the key is then just not found
-                key = ast.literal_eval(match["key"])  # a single string literal
-        except (ValueError, SyntaxError) as err:
-            raise fail(pos, f"the key is not a valid string literal ({err})") from None
+        key_match = _KEY.match(text, pos)
+        if key_match is None:
+            raise fail(pos, "expected a quoted layer key")
+        key = key_match.group()[1:-1]
+        if "\\" in key:  # escapes: let Python decode the one string literal (nothing else is ever evaluated)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # an invalid escape only warns; the key then matches no layer
+                    key = ast.literal_eval(key_match.group())
+            except (ValueError, SyntaxError) as err:
+                raise fail(pos, f"the key is not a valid string literal ({_clip(str(err), 80)})") from None
         if key in entries:
-            raise fail(pos, f"duplicate key {_show(key)}: each key may appear once")
-        items = [s.strip() for s in match["body"].split(",")]
+            raise fail(pos, f"duplicate key {_show(key)}: each key may appear once", found=False)
+        colon = _COLON.match(text, key_match.end())
+        if colon is None:
+            raise fail(key_match.end(), f"expected ':' after the key {_show(key)}")
+        value = _VALUE.match(text, colon.end())
+        if value is None:
+            raise fail(colon.end(), f"expected [n, m] after the key {_show(key)}")
+        if value["open"] + value["close"] not in ("[]", "()"):
+            raise fail(value.start(), f"mismatched brackets in the value of {_show(key)}")
+        items = [s.strip() for s in value["body"].split(",")]
         if len(items) > 1 and not items[-1]:
             items.pop()  # a trailing comma, as in (2, 4,)
-        values = []
         for item in items:
             if not _INT.fullmatch(item):
-                what = f"entry {_show(key)}: n and m must be ints of at most 12 digits, got {_show(item)}"
-                raise fail(match.start("body"), what)
-            values.append(int(item))
-        entries[key] = values
-        pos = match.end()
+                what = f"the value of {_show(key)}: n and m must be ints of at most 12 digits, got {_show(item)}"
+                raise fail(value.start("body"), what, found=False)
+        entries[key] = [int(item) for item in items]
+        pos = value.end()
         if text.startswith(",", pos):
             pos = _WS.match(text, pos + 1).end()
         elif not text.startswith("}", pos):
             raise fail(pos, "expected ',' or '}' after an entry")
-    pos += 1
-    rest = _WS.match(text, pos).end()
-    if rest != len(text):
-        raise fail(rest, "unexpected text after the closing '}'")
+    pos = _WS.match(text, pos + 1).end()
+    if pos != len(text):
+        raise fail(pos, "unexpected text after the closing '}'")
     return entries
 
 
