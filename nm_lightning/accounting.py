@@ -84,7 +84,9 @@ def measure_macs(model: nn.Module, example_input: Any, names: list[str]) -> dict
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"no layer named {name!r} in the model")
         parent = modules.get(module_name.rpartition(".")[0]) if module_name else None
-        if isinstance(module, nn.MultiheadAttention) and param in _MHA_PARAMS:
+        if isinstance(module, nn.MultiheadAttention):
+            if param not in _MHA_PARAMS:
+                raise ValueError(f"cannot count MACs of {name!r}: a MultiheadAttention weight is one of {_MHA_PARAMS}")
             targets[name] = (module, weight, param)
         elif param == "weight" and module_name.endswith("out_proj") and isinstance(parent, nn.MultiheadAttention):
             targets[name] = (parent, weight, "out_proj")  # MultiheadAttention applies out_proj functionally

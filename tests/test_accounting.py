@@ -149,5 +149,8 @@ def test_measure_macs_errors():
     model.extra = nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"layer 'extra' was not run by the example forward pass"):
         measure_macs(model, torch.randn(1, 4, 5, 5), ["up", "extra"])
+    attn = nn.Sequential(nn.MultiheadAttention(4, 1, add_bias_kv=True))
+    with pytest.raises(ValueError, match=r"cannot count MACs of '0.bias_k': a MultiheadAttention weight is one of"):
+        measure_macs(attn, torch.randn(1, 2, 4), ["0.bias_k"])
     with pytest.raises(ValueError, match=r"cannot find the batch size"):
         measure_macs(model, [[]], ["up"])
