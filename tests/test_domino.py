@@ -89,6 +89,8 @@ def test_readme_example_scheme_on_resnet50():
     assert stats["sparsity"] == pytest.approx(0.80758, abs=1e-5)
     assert stats["macs"] / 1e9 == pytest.approx(1.141, abs=1e-3)
     assert stats["dense_macs"] / 1e9 == pytest.approx(4.089, abs=1e-3)
+    # exactly: Σ Kh·Kw·Cin·Cout·Hout·Wout (+ 2048·1000 for the FC), and Σ of those · n/m
+    assert stats["dense_macs"] == 4_089_184_256 and stats["macs"] == 1_141_313_536
     # and the SR-STE fine-tune takes it as is (16:16 layers stay dense)
     from nm_lightning import plan_layers
 
