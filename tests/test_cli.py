@@ -107,8 +107,7 @@ def test_every_callback_parses_from_the_command_line(tmp_path):
 
 def _console_script(name: str) -> str:
     """The ``module:function`` that pip's console-script wrapper calls for ``name`` (from pyproject.toml)."""
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
     return scripts[name]
 
