@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -107,8 +108,24 @@ def test_train_bad_threads(tiny_cfg):
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", NM_LIGHTNING_DATA_DIR="", **extra)
+    """The subprocess imports this checkout's package (not another installed copy)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", NM_LIGHTNING_DATA_DIR="", PYTHONPATH=path, **extra)
     return env
+
+
+def _run_killable(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group (spawned DDP workers included)
+    and fail with the output so far."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (hung?)\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_multirun_cli(tmp_path):
@@ -243,3 +260,24 @@ def test_search_that_commits_nothing_says_what_to_change(tiny_cfg):
     with pytest.raises(RuntimeError, match=r"committed no N:M layer within its budget.*search.max_epochs=1 "
                                            r"\(3 optimizer steps\).*check_every=1000.*raise search.max_epochs"):
         run(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_sim_with_the_csv_logger(tmp_path):
+    """`nm-train trainer=ddp_sim` (2 CPU processes, ddp_spawn) with the CSV logger writing every step.
+
+    A collective issued by rank 0 alone while logging (a metric sync) deadlocks this run at its first logged
+    step; it must finish, log the N:M metrics and export once.
+    """
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nm_lightning.train", "trainer=ddp_sim", "logger=csv", "trainer.log_every_n_steps=1",
+           *TINY, "trainer.max_epochs=1", f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
+    proc = _run_killable(cmd, tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (metrics_csv,) = run_dir.glob("csv/version_*/metrics.csv")
+    header = metrics_csv.read_text().splitlines()[0].split(",")
+    assert "nm/sparsity" in header and "nm/flip_rate" in header and "train/loss_step" in header
+    meta = json.loads((run_dir / "export" / "scheme.json").read_text())
+    assert {v["n"] for v in meta["layers"].values()} == {2} and "test/acc" in meta["metrics"]
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert "N:M sparse model" in proc.stdout
