@@ -281,3 +281,9 @@ def test_ddp_sim_with_the_csv_logger(tmp_path):
     assert {v["n"] for v in meta["layers"].values()} == {2} and "test/acc" in meta["metrics"]
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert "N:M sparse model" in proc.stdout
+
+
+def test_bad_export_formats_fail_before_training(tiny_cfg, tmp_path):
+    with pytest.raises(ValueError, match=r"export formats must be a non-empty subset.*\['onnx'\]"):
+        run(tiny_cfg("export_formats=[onnx]", "logger=none"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
