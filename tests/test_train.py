@@ -107,10 +107,11 @@ def test_train_bad_threads(tiny_cfg):
         run(tiny_cfg("threads=0"))
 
 
-def _env(**extra: str) -> dict[str, str]:
-    """The subprocess imports this checkout's package (not another installed copy)."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, OMP_NUM_THREADS="1", NM_LIGHTNING_DATA_DIR="", PYTHONPATH=path, **extra)
+def _env(checkout: bool = True) -> dict[str, str]:
+    """With ``checkout``, the subprocess imports this checkout's package (not another installed copy)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", NM_LIGHTNING_DATA_DIR="")
+    if checkout:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -166,14 +167,15 @@ def test_wheel_ships_configs(tmp_path):
         "cfg = compose('train', overrides=['experiment=srste_1x4', 'data=image_folder', 'data.root=x']);"
         "print(cfg.sparsity.n, cfg.sparsity.m, cfg.data._target_)"
     )
-    proc = subprocess.run([str(py), "-c", check], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run([str(py), "-c", check], cwd=tmp_path, env=_env(checkout=False), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1", "4", "nm_lightning.data.ImageFolderDataModule"]
     # the console script trains (fast_dev_run) from outside the checkout
     proc = subprocess.run(
         [str(env_dir / "bin" / "nm-train"), "debug=fdr", "data.num_samples=100", "threads=1",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180,
+        cwd=tmp_path, env=_env(checkout=False), capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "run" / "export" / "model_dense.pt").exists()
