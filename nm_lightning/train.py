@@ -249,7 +249,7 @@ def check_checkpoint(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"nm-train: {what}={str(path)!r} is not a file")
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), ...
         raise ValueError(
             f"nm-train: refusing {what}={str(path)!r}: it cannot be loaded with torch.load(weights_only=True), "
@@ -285,9 +285,7 @@ def _test_ckpt(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
         return None
     if ckpt is None:
         return None
-    if not isinstance(ckpt, str):
-        raise ValueError(f"nm-train: test_ckpt must be 'best', 'last', a checkpoint file or null, got {ckpt!r}")
-    return str(check_checkpoint(ckpt, "test_ckpt"))
+    return str(Path(ckpt).expanduser())  # checked by run() before training
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -304,8 +302,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(threads)
     if cfg.get("ckpt_path") is not None:
         check_checkpoint(cfg.ckpt_path, "ckpt_path")
-    if cfg.get("test_ckpt") not in (None, "best", "last"):
-        check_checkpoint(cfg.test_ckpt, "test_ckpt")  # before training, not after it
+    test_ckpt = cfg.get("test_ckpt")
+    if test_ckpt not in (None, "best", "last"):
+        if not isinstance(test_ckpt, str):
+            raise ValueError(
+                f"nm-train: test_ckpt must be 'best', 'last', a checkpoint file or null, got {test_ckpt!r}"
+            )
+        check_checkpoint(test_ckpt, "test_ckpt")  # before training, not after it
     formats = check_formats(list(cfg.get("export_formats") or FORMATS))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -353,7 +356,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if exporter is not None and (export_dir / METADATA).exists():
             # written by ExportCallback (possibly in a spawned worker process)
             rows, total = export_rows(export_dir)
-            paths.update({fmt: export_dir / FILE_NAMES[fmt] for fmt in formats})
+            paths.update({f"export ({fmt})": export_dir / FILE_NAMES[fmt] for fmt in formats})
             paths["scheme"] = export_dir / METADATA
         else:
             rows, total = sparsity_rows(model), sum(p.numel() for p in model.parameters())
