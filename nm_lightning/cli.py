@@ -24,7 +24,7 @@ import nm_lightning  # noqa: F401  (registers SRSTECallback & co. for short name
 import nm_lightning.data  # noqa: F401
 import nm_lightning.models  # noqa: F401
 
-__all__ = ["NMLightningCLI", "main"]
+__all__ = ["NMLightningCLI", "build_cli", "main"]
 
 DEFAULT_MODEL = "nm_lightning.models.Classifier"
 DEFAULT_DATA = "nm_lightning.data.MNIST1DDataModule"
@@ -37,10 +37,11 @@ class NMLightningCLI(LightningCLI):
         parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
 
 
-def main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> LightningCLI:
-    """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` (handy in tests and notebooks).
+def build_cli(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> NMLightningCLI:
+    """Build (and by default run) the CLI and return it; ``args`` replaces ``sys.argv[1:]`` (tests, notebooks).
 
     Extra keyword arguments go to :class:`LightningCLI` (e.g. ``trainer_defaults``, ``save_config_kwargs``).
+    Bad arguments raise ``SystemExit`` (jsonargparse's usage error, code 2).
     """
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     return NMLightningCLI(
@@ -52,6 +53,15 @@ def main(args: Sequence[str] | dict[str, Any] | None = None, run: bool = True, *
         run=run,
         **kwargs,
     )
+
+
+def main(args: Sequence[str] | dict[str, Any] | None = None) -> None:
+    """Console entry ``nm-lightning``: run the CLI and return ``None`` (exit status 0 on success).
+
+    The console script passes the return value to ``sys.exit``, so it must not return the CLI object
+    (that printed the object's repr and exited 1); use :func:`build_cli` to get the CLI back.
+    """
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """``nm-train``: the Hydra training app (configs in :mod:`nm_lightning.conf`).
 
 With no arguments it trains a 1-D CNN on MNIST-1D with SR-STE 2:4 on the CPU, tests the sparse model,
-prints a per-layer N:M report and writes, into Hydra's run directory, ``checkpoints/last.ckpt`` (plus the
-best one), CSV logs, ``export/model_dense_with_zeros.pt`` (the plain network's state dict with the N:M
-zeros, loadable with ``weights_only=True`` and ``strict=True``), ``export/scheme.json`` (per-layer n:m and
-measured sparsity, reusable as ``sparsity.scheme=...``) and ``export/summary.json``.
+prints a per-layer N:M report and writes, into Hydra's run directory, ``checkpoints/last.ckpt`` (the state
+the run ended with, written at every epoch end: resume from it with ``ckpt_path=...``), the best
+checkpoint by ``val/acc``, CSV logs and, through :func:`nm_lightning.export.write_artifacts`,
+``export/model_dense.pt`` (the LightningModule's plain state dict with the N:M zeros, loadable with
+``weights_only=True`` and ``strict=True``), ``export/model_packed.pt``, ``export/model_2to4_cutlass.pt``
+and ``export/scheme.json`` (per-layer n:m and measured sparsity, reusable as ``sparsity.scheme=...``,
+plus the test metrics). Checkpoints are only ever loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,15 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from nm_lightning.export.artifacts import FILE_NAMES, FORMATS, METADATA, check_formats, write_artifacts
+from nm_lightning.last_checkpoint import LastCheckpoint
 from nm_lightning.masks import nm_mask
-from nm_lightning.sparsify import plain_state_dict, sparse_layers
+from nm_lightning.scheme import NMScheme
+from nm_lightning.sparsify import sparse_layers
 
 __all__ = [
-    "CONFIG_DIR", "ExportCallback", "main", "run", "run_search", "instantiate_group", "export_model", "sparsity_rows",
+    "CONFIG_DIR", "ExportCallback", "check_checkpoint", "export_rows", "instantiate_group", "main", "print_report",
+    "run", "run_search", "sparsity_rows",
 ]  # fmt: skip
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -67,12 +74,6 @@ def instantiate_group(node: Any, what: str) -> list[Any]:
     return out
 
 
-def _net(model: nn.Module) -> tuple[nn.Module, str]:
-    """The plain network inside a ``Classifier`` (and the key prefix it has in the LightningModule)."""
-    net = getattr(model, "net", None)
-    return (net, "net.") if isinstance(net, nn.Module) else (model, "")
-
-
 def sparsity_rows(model: nn.Module) -> list[dict[str, Any]]:
     """Per N:M layer of ``model``: n, m, layout, shape, params, nonzeros, measured sparsity and N:M check."""
     rows = []
@@ -90,59 +91,46 @@ def sparsity_rows(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
-def export_model(model: nn.Module, out_dir: str | Path, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Write ``model_dense_with_zeros.pt``, ``scheme.json`` and ``summary.json`` into ``out_dir``.
-
-    The ``.pt`` file is ``plain_state_dict`` of the plain network (``model.net`` for a ``Classifier``): it
-    loads with ``torch.load(..., weights_only=True)`` and ``net.load_state_dict(sd, strict=True)`` into a
-    freshly built, never-sparsified network. ``scheme.json`` maps layer names (as the sparsity callback
-    names them, so the file can be passed back as ``sparsity.scheme``) to n, m and the measured sparsity;
-    ``weight_key`` is the entry in the ``.pt`` file.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    net, prefix = _net(model)
-    state = plain_state_dict(net)
-    weights = out / "model_dense_with_zeros.pt"
-    torch.save(state, weights)
-    rows = sparsity_rows(model)
-    scheme = {}
-    for row in rows:
-        key = row["layer"][len(prefix):] if row["layer"].startswith(prefix) else row["layer"]
-        weight_key = key if key in state else f"{key}.weight"
-        scheme[row["layer"]] = {**{k: row[k] for k in ("type", "n", "m", "layout", "shape", "params", "nonzero",
-                                                       "sparsity", "nm_ok")}, "weight_key": weight_key}
-    scheme_path = out / "scheme.json"
-    scheme_path.write_text(json.dumps(scheme, indent=2) + "\n", encoding="utf-8")
-    total = sum(p.numel() for p in net.parameters())
-    covered = sum(r["params"] for r in rows)
-    zeros = sum(r["params"] - r["nonzero"] for r in rows)
-    summary = {
-        "total_params": total, "nm_params": covered, "nm_nonzero": covered - zeros,
-        "nm_sparsity": zeros / covered if covered else 0.0, "model_sparsity": zeros / total if total else 0.0,
-        "all_layers_nm_ok": all(r["nm_ok"] for r in rows), "state_dict": weights.name, **dict(extra or {}),
-    }
-    summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    return {"weights": weights, "scheme": scheme_path, "summary": summary_path}
+def _metrics(trainer: pl.Trainer, prefixes: tuple[str, ...] | None = None) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items()
+            if v.numel() == 1 and (prefixes is None or k.split("/")[0] in prefixes)}
 
 
 class ExportCallback(Callback):
-    """Write the export at the end of ``test`` (or of ``fit`` when not testing), on global rank 0.
+    """Write the export through :func:`nm_lightning.export.write_artifacts` at the end of ``test`` (or of
+    ``fit`` when not testing): global rank 0 writes, every rank waits at barriers around it.
 
-    Running as a callback puts the export inside the training processes, so it also sees the sparsified
-    model under ``ddp_spawn`` (where the launching process never attaches the N:M parametrizations).
+    The LightningModule itself is exported, so layer names (``net.features.3``) and the keys of
+    ``model_dense.pt`` (``net.features.3.weight``) are those of the sparsity callback and of the module:
+    ``scheme.json`` can be passed back as ``sparsity.scheme=...`` and ``model_dense.pt`` loads with
+    ``weights_only=True``/``strict=True`` into the never-sparsified module. ``scheme.json`` also holds the
+    test/val metrics, ``total_params``, the global step and epoch, and ``extra``. Running as a callback
+    puts the export inside the training processes, so it also sees the sparsified model under
+    ``ddp_spawn`` (where the launching process never attaches the N:M parametrizations).
     """
 
-    def __init__(self, out_dir: str | Path, extra: Mapping[str, Any] | None = None, stage: str = "test") -> None:
+    def __init__(self, out_dir: str | Path, extra: Mapping[str, Any] | None = None, stage: str = "test",
+                 formats: Sequence[str] = FORMATS) -> None:
+        if stage not in ("test", "fit"):
+            raise ValueError(f"ExportCallback stage must be 'test' or 'fit', got {stage!r}")
         self.out_dir, self.extra, self.stage = Path(out_dir), dict(extra or {}), stage
-        self.files: dict[str, Path] = {}
+        self.formats = check_formats(list(formats))
+        self.meta: dict[str, Any] | None = None
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and not trainer.sanity_checking:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                       if v.numel() == 1 and k.split("/")[0] in ("test", "val")}
-            self.files = export_model(pl_module, self.out_dir, {"metrics": metrics, **self.extra})
+        if trainer.sanity_checking:
+            return
+        trainer.strategy.barrier("nm_train_export_start")
+        try:
+            if trainer.is_global_zero:
+                extra = {
+                    "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
+                    "metrics": _metrics(trainer, ("test", "val")),
+                    "total_params": sum(p.numel() for p in pl_module.parameters()), **self.extra,
+                }
+                self.meta = write_artifacts(pl_module, self.out_dir, self.formats, extra=extra)
+        finally:
+            trainer.strategy.barrier("nm_train_export_end")
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "test":
@@ -153,21 +141,46 @@ class ExportCallback(Callback):
             self._export(trainer, pl_module)
 
 
-def print_report(scheme: Mapping[str, Mapping[str, Any]], total_params: int, metrics: Mapping[str, float],
+def export_rows(export_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Report rows (as :func:`sparsity_rows`) for the N:M layers in ``<export_dir>/scheme.json``, checked on
+    the written ``model_dense.pt`` (loaded with ``weights_only=True``), and the model's total parameters.
+
+    Without a dense file the N:M check is ``None`` and the nonzero counts come from ``scheme.json``.
+    """
+    export_dir = Path(export_dir)
+    meta = json.loads((export_dir / METADATA).read_text(encoding="utf-8"))
+    dense_file = (meta.get("files") or {}).get("dense", {}).get("file")
+    state = torch.load(export_dir / dense_file, map_location="cpu", weights_only=True) if dense_file else None
+    rows = []
+    for name, layer in meta["layers"].items():
+        params = math.prod(layer["shape"])
+        nonzero, ok = round(params * (1.0 - layer["sparsity"])), None
+        if state is not None:
+            w = state[layer["key"]]
+            nonzero = int((w != 0).sum())
+            ok = not bool(((w != 0) & ~nm_mask(w, layer["n"], layer["m"], layer["layout"])).any())
+        rows.append({"layer": name, "n": layer["n"], "m": layer["m"], "layout": layer["layout"],
+                     "shape": layer["shape"], "params": params, "nonzero": nonzero,
+                     "sparsity": 1.0 - nonzero / params, "nm_ok": ok})
+    return rows, int(meta.get("total_params") or sum(v.numel() for v in (state or {}).values()))
+
+
+def print_report(rows: Sequence[Mapping[str, Any]], total_params: int, metrics: Mapping[str, float],
                  paths: Mapping[str, Any], seconds: float) -> None:
-    """Rich table of the N:M layers (as in ``scheme.json``), the test accuracy and the output files."""
+    """Rich table of the N:M layers (:func:`sparsity_rows` / :func:`export_rows`), the test accuracy and the
+    output files."""
     console = Console(width=None if sys.stdout.isatty() else 140)
     table = Table(title="N:M sparse model", title_justify="left")
-    for col, just in [("layer", "left"), ("type", "left"), ("shape", "left"), ("n:m", "right"), ("params", "right"),
+    for col, just in [("layer", "left"), ("shape", "left"), ("n:m", "right"), ("params", "right"),
                       ("nonzero", "right"), ("sparsity", "right"), ("N:M check", "center")]:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for name, r in scheme.items():
-        table.add_row(name, str(r.get("type", "")), "x".join(map(str, r["shape"])), f"{r['n']}:{r['m']}",
-                      f"{r['params']:,}", f"{r['nonzero']:,}", f"{r['sparsity']:.1%}",
-                      "[green]ok[/]" if r["nm_ok"] else "[red]FAIL[/]")
-    covered = sum(r["params"] for r in scheme.values())
-    zeros = sum(r["params"] - r["nonzero"] for r in scheme.values())
-    if scheme:
+    for r in rows:
+        check = "-" if r["nm_ok"] is None else "[green]ok[/]" if r["nm_ok"] else "[red]FAIL[/]"
+        table.add_row(r["layer"], "x".join(map(str, r["shape"])), f"{r['n']}:{r['m']}", f"{r['params']:,}",
+                      f"{r['nonzero']:,}", f"{r['sparsity']:.1%}", check)
+    covered = sum(r["params"] for r in rows)
+    zeros = sum(r["params"] - r["nonzero"] for r in rows)
+    if rows:
         table.caption = (f"N:M layers hold {covered:,} of {total_params:,} parameters ({covered / total_params:.1%}); "
                          f"{zeros:,} are zero: {zeros / covered:.1%} of those layers, {zeros / total_params:.1%} "
                          "of the model")
@@ -180,7 +193,7 @@ def print_report(scheme: Mapping[str, Mapping[str, Any]], total_params: int, met
             console.print(f"[bold]{key}[/]: {value}")
     console.print(f"time: {seconds:.1f} s")
     for label, path in paths.items():
-        console.print(f"{label}: {path}")
+        console.print(f"{label}: {path}", soft_wrap=True)
 
 
 def run_search(cfg: DictConfig, datamodule: pl.LightningDataModule, out_dir: Path) -> tuple[Path, Path]:
@@ -213,17 +226,90 @@ def run_search(cfg: DictConfig, datamodule: pl.LightningDataModule, out_dir: Pat
     scheme_path = search_dir / "scheme.txt"  # written by the callback (also from a spawned worker)
     if not scheme_path.exists():
         raise RuntimeError(f"nm-train: the search wrote no scheme at {scheme_path}")
+    scheme = NMScheme.load(scheme_path, model=model)
+    if not any(n < m for n, m in scheme.values()):
+        steps = f" ({trainer.global_step} optimizer steps)" if trainer.global_step else ""
+        raise RuntimeError(
+            f"nm-train: the DominoSearch committed no N:M layer within its budget: every layer in {scheme_path} "
+            f"is still dense (M:M) after search.max_epochs={search.max_epochs}{steps} with "
+            f"search.callback.check_every={search.callback.get('check_every')}, so the fine-tune would have "
+            "nothing to sparsify. Give the search more optimizer steps (raise search.max_epochs) or vote more "
+            "often (lower search.callback.check_every; a layer needs several votes to commit each halving of N)."
+        )
     return scheme_path, scheme_path.with_suffix(".dense.pt")
 
 
+def check_checkpoint(path: str | Path, what: str) -> Path:
+    """Refuse a checkpoint that ``torch.load(weights_only=True)`` refuses, before Lightning opens it.
+
+    A checkpoint is a pickle: loading one that holds anything but tensors and plain containers could run
+    code from the file. Raises ``FileNotFoundError`` or ``ValueError``, naming ``what`` and the path.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"nm-train: {what}={str(path)!r} is not a file")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), ...
+        raise ValueError(
+            f"nm-train: refusing {what}={str(path)!r}: it cannot be loaded with torch.load(weights_only=True), "
+            f"which allows only tensors and plain data (loading it fully could run code from the file): "
+            f"{type(err).__name__}: {str(err)[:500]}"
+        ) from None
+    return path
+
+
+def _checkpoints(trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, LastCheckpoint | None]:
+    """(the first monitored ``ModelCheckpoint``, the ``LastCheckpoint``) of ``trainer``, ``None`` when absent."""
+    best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
+                 and not isinstance(c, LastCheckpoint) and c.monitor), None)
+    last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)), None)
+    return best, last
+
+
+def _test_ckpt(cfg: DictConfig, trainer: pl.Trainer) -> str | None:
+    """``test_ckpt`` as a path: ``best`` (the monitored checkpoint), ``last`` (the :class:`LastCheckpoint`),
+    a file (checked with :func:`check_checkpoint`) or ``None`` (the weights fit ended with)."""
+    ckpt = cfg.get("test_ckpt")
+    best, last = _checkpoints(trainer)
+    if ckpt == "best":
+        if best is not None and best.best_model_path:
+            return best.best_model_path
+        rank_zero_info("nm-train: no best checkpoint (no monitored ModelCheckpoint, fast_dev_run); testing the "
+                       "final weights")
+        return None
+    if ckpt == "last":
+        if last is not None and last.path:
+            return last.path
+        rank_zero_info("nm-train: no last checkpoint (no LastCheckpoint, fast_dev_run); testing the final weights")
+        return None
+    if ckpt is None:
+        return None
+    return str(Path(ckpt).expanduser())  # checked by run() before training
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Train/test/export as configured; returns the final metrics (``test/acc``, ``val/acc``, ...)."""
+    """Train/test/export as configured; returns the final metrics (``test/acc``, ``val/acc``, ...).
+
+    Every checkpoint given by the config (``ckpt_path``, a ``test_ckpt`` file) is loaded with
+    ``weights_only=True``; one holding other objects is refused with an error naming it.
+    """
     start = time.perf_counter()
     threads = cfg.get("threads")
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"nm-train: threads must be an int >= 1 or null, got {threads!r}")
         torch.set_num_threads(threads)
+    if cfg.get("ckpt_path") is not None:
+        check_checkpoint(cfg.ckpt_path, "ckpt_path")
+    test_ckpt = cfg.get("test_ckpt")
+    if test_ckpt not in (None, "best", "last"):
+        if not isinstance(test_ckpt, str):
+            raise ValueError(
+                f"nm-train: test_ckpt must be 'best', 'last', a checkpoint file or null, got {test_ckpt!r}"
+            )
+        check_checkpoint(test_ckpt, "test_ckpt")  # before training, not after it
+    formats = check_formats(list(cfg.get("export_formats") or FORMATS))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
@@ -244,43 +330,37 @@ def run(cfg: DictConfig) -> dict[str, float]:
             raise TypeError(f"nm-train: {type(cb).__name__} from the callbacks/sparsity config is not a Callback")
     loggers: list[Logger] = instantiate_group(cfg.get("logger"), "logger")
     exporter = None
+    export_dir = out_dir / "export"
     if cfg.get("export", True):
         extra = {"model": cfg.model.get("_target_"), "net": OmegaConf.select(cfg, "model.net._target_"),
                  "sparsity": OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.get("sparsity") else None}
-        exporter = ExportCallback(out_dir / "export", extra, stage="test" if cfg.get("test", True) else "fit")
+        exporter = ExportCallback(export_dir, extra, stage="test" if cfg.get("test", True) else "fit",
+                                  formats=formats)
         callbacks.append(exporter)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + sparsity, logger=loggers or False)
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    metrics = _metrics(trainer)
     if cfg.get("test", True):
-        ckpt = cfg.get("test_ckpt")
-        checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
-        if ckpt == "best" and not (checkpoint and checkpoint.best_model_path):
-            rank_zero_info("nm-train: no best checkpoint (no ModelCheckpoint, fast_dev_run); testing the final weights")
-            ckpt = None
-        if ckpt == "last" and not (checkpoint and checkpoint.last_model_path):
-            rank_zero_info("nm-train: no last checkpoint; testing the final weights")
-            ckpt = None
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        trainer.test(model, datamodule=datamodule, ckpt_path=_test_ckpt(cfg, trainer), weights_only=True)
+        metrics.update(_metrics(trainer))
 
     if trainer.is_global_zero:
         paths: dict[str, Any] = {"run dir": out_dir}
-        checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.last_model_path:
-            paths["checkpoint"] = checkpoint.last_model_path
-        export_dir = out_dir / "export"
-        if exporter is not None and (export_dir / "summary.json").exists():
+        best, last = _checkpoints(trainer)
+        if last is not None and last.path:
+            paths["last checkpoint (resume with ckpt_path=...)"] = last.path
+        if best is not None and best.best_model_path:
+            paths[f"best checkpoint ({best.monitor})"] = best.best_model_path
+        if exporter is not None and (export_dir / METADATA).exists():
             # written by ExportCallback (possibly in a spawned worker process)
-            scheme = json.loads((export_dir / "scheme.json").read_text(encoding="utf-8"))
-            total = int(json.loads((export_dir / "summary.json").read_text(encoding="utf-8"))["total_params"])
-            paths.update({"export": export_dir / "model_dense_with_zeros.pt", "scheme": export_dir / "scheme.json"})
+            rows, total = export_rows(export_dir)
+            paths.update({f"export ({fmt})": export_dir / FILE_NAMES[fmt] for fmt in formats})
+            paths["scheme"] = export_dir / METADATA
         else:
-            scheme = {r["layer"]: r for r in sparsity_rows(model)}
-            total = sum(p.numel() for p in _net(model)[0].parameters())
-        print_report(scheme, total, metrics, paths, time.perf_counter() - start)
+            rows, total = sparsity_rows(model), sum(p.numel() for p in model.parameters())
+        print_report(rows, total, metrics, paths, time.perf_counter() - start)
     return metrics
 
 

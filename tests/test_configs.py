@@ -44,7 +44,11 @@ def test_defaults(compose_cfg):
     assert (cfg.sparsity.n, cfg.sparsity.m) == (2, 4)
     cb = instantiate_group(cfg.sparsity, "sparsity")
     assert len(cb) == 1 and isinstance(cb[0], SRSTECallback) and (cb[0].n, cb[0].m) == (2, 4)
-    assert {type(c).__name__ for c in instantiate_group(cfg.callbacks, "callbacks")} == {"ModelCheckpoint"}
+    checkpoints = {type(c).__name__: c for c in instantiate_group(cfg.callbacks, "callbacks")}
+    assert set(checkpoints) == {"ModelCheckpoint", "LastCheckpoint"}
+    # the best by val/acc, without Lightning's save_last (that last.ckpt lags the run); last.ckpt is LastCheckpoint's
+    assert checkpoints["ModelCheckpoint"].monitor == "val/acc" and not checkpoints["ModelCheckpoint"].save_last
+    assert checkpoints["LastCheckpoint"].monitor is None and checkpoints["LastCheckpoint"].filename == "last"
 
 
 @pytest.mark.parametrize("option", _options("data"))

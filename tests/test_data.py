@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from PIL import Image
 
 import nm_lightning.data.mnist1d as mnist1d_mod
 from nm_lightning.data import ImageFolderDataModule, MNIST1DDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mnist1d_generates_splits_and_caches(tmp_path, monkeypatch):
@@ -120,3 +127,67 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataModule(str(tmp_path), mean=[0.5])
     with pytest.raises(ValueError, match="image_size"):
         ImageFolderDataModule(str(tmp_path), image_size=[8, 8, 8])
+
+
+def _block(monkeypatch, *modules: str) -> None:
+    """Make ``import <module>`` raise ImportError, as on an install without the [apps] extra."""
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_mnist1d_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    cached = MNIST1DDataModule(data_dir=str(tmp_path / "cached"), num_samples=100)
+    cached.prepare_data()
+    _block(monkeypatch, "mnist1d", "mnist1d.data")
+    dm = MNIST1DDataModule(data_dir=str(tmp_path / "fresh"), num_samples=100)
+    with pytest.raises(ImportError, match=r"MNIST1DDataModule .*'mnist1d' package.*pip install 'nm-lightning\[apps\]'"):
+        dm.prepare_data()
+    # a dataset generated earlier is still served from its cache
+    again = MNIST1DDataModule(data_dir=str(tmp_path / "cached"), num_samples=100)
+    again.prepare_data()
+    again.setup("fit")
+    assert len(again.train_set) > 0
+
+
+def test_image_folder_without_pillow_names_the_extra(tmp_path, monkeypatch):
+    _write_images(tmp_path, "train", ["a"], 1, (4, 4), "png")
+    _write_images(tmp_path, "val", ["a"], 1, (4, 4), "png")
+    _block(monkeypatch, "PIL", "PIL.Image")
+    with pytest.raises(ImportError, match=r"ImageFolderDataModule needs the 'pillow' package.*nm-lightning\[apps\]"):
+        ImageFolderDataModule(str(tmp_path))
+
+
+def test_library_imports_without_the_apps_extra():
+    """`import nm_lightning` (callbacks, export, data and model classes, the apps) works without mnist1d.
+
+    Only mnist1d is blocked: torchmetrics imports scipy and matplotlib (hence Pillow) whenever they are
+    installed, so blocking those here would test torchmetrics. That the data modules import mnist1d and
+    Pillow only when used, and say which extra to install, is tested above with those imports failing."""
+    code = (
+        "import sys\n"
+        "blocked = ('mnist1d',)\n"
+        "sys.modules.update(dict.fromkeys(blocked))  # None: `import mnist1d` raises ImportError\n"
+        "import nm_lightning, nm_lightning.export, nm_lightning.data, nm_lightning.models, nm_lightning.cli\n"
+        "import nm_lightning.train\n"
+        "print(sorted(m for m, v in sys.modules.items() if m.split('.')[0] in blocked and v is not None))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_pyproject_keeps_app_dependencies_in_the_apps_extra():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    core, extras = names(project["dependencies"]), project["optional-dependencies"]
+    assert not core & {"mnist1d", "pillow", "scipy", "requests"}, core
+    assert {"mnist1d", "pillow"} <= names(extras["apps"])
+    assert "transformers" in names(extras["test"]) and "nm-lightning[apps]" in extras["test"]
+    torch_req = next(r for r in project["dependencies"] if names([r]) == {"torch"})
+    assert ">=" in torch_req and "==" not in torch_req, torch_req  # a range, not a pin

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
+
+APPS_EXTRA = "pip install 'nm-lightning[apps]'"
+
+
+def require_app_module(module: str, who: str, package: str) -> ModuleType:
+    """Import ``module`` (a dependency of the demo apps, not of the library) or raise an ``ImportError``
+    that names ``who`` needs it, the pip ``package`` and the ``[apps]`` extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{who} needs the '{package}' package (module {module!r}), which nm_lightning installs only with its "
+            f"apps extra: {APPS_EXTRA} (or pip install {package}); the import failed with: {err}"
+        ) from err
 
 
 class SplitDataModule(pl.LightningDataModule):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nm_lightning.data.base import SplitDataModule
+from nm_lightning.data.base import SplitDataModule, require_app_module
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "IMG_EXTENSIONS"]
 
@@ -64,7 +64,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load(self, path: Path) -> torch.Tensor:
-        from PIL import Image
+        Image = require_app_module("PIL.Image", "ImageFolderDataModule", "pillow")  # noqa: N806
 
         with Image.open(path) as img:
             img = img.convert("L" if self.grayscale else "RGB")
@@ -85,7 +85,8 @@ class ImageFolderDataset(Dataset):
 class ImageFolderDataModule(SplitDataModule):
     """Your own images: ``root/train/<class>/*.png|jpg``, ``root/val/<class>/...`` and optionally ``root/test``.
 
-    Images are read with Pillow, converted to RGB (or grayscale), resized to ``image_size`` and normalized
+    Images are read with Pillow (the ``[apps]`` extra; without it the constructor raises ``ImportError``
+    saying so), converted to RGB (or grayscale), resized to ``image_size`` and normalized
     with ``mean``/``std`` (default: ImageNet statistics for RGB, 0.5/0.5 for grayscale). Class indices come
     from the sorted class folder names of the training split; ``num_classes`` and ``classes`` are known after
     :meth:`setup`. Without a ``test`` folder the validation folder is also the test set.
@@ -123,6 +124,7 @@ class ImageFolderDataModule(SplitDataModule):
         test_dir: str = "test",
     ) -> None:
         super().__init__()
+        require_app_module("PIL.Image", "ImageFolderDataModule", "pillow")  # fail at construction, not in a worker
         self.root = Path(root).expanduser()
         if isinstance(image_size, bool) or not isinstance(image_size, (int, Sequence)):
             raise ValueError(f"ImageFolderDataModule image_size must be an int or [height, width], got {image_size!r}")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from nm_lightning.data.base import SplitDataModule
+from nm_lightning.data.base import SplitDataModule, require_app_module
 
 __all__ = ["MNIST1DDataModule", "DEFAULT_DATA_DIR", "generate_mnist1d"]
 
@@ -38,17 +38,16 @@ def generate_mnist1d(num_samples: int = 5000, train_split: float = 0.8, seed: in
     """Generate MNIST-1D with ``mnist1d.data.make_dataset`` (never its download path).
 
     Returns ``x``/``y`` (train) and ``x_test``/``y_test`` as float32 ``[N, 40]`` and int64 ``[N]`` arrays.
+    Needs the ``mnist1d`` package (the ``[apps]`` extra); without it raises ``ImportError`` saying so. A
+    cached dataset is loaded without it.
     The global ``random``/``numpy`` RNG states, which ``make_dataset`` reseeds, are restored afterwards.
     """
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as err:  # pragma: no cover - dependency declared in pyproject
-        raise ImportError("MNIST1DDataModule needs the 'mnist1d' package: pip install mnist1d") from err
-    args = get_dataset_args()
+    mnist1d_data = require_app_module("mnist1d.data", "MNIST1DDataModule (generating MNIST-1D)", "mnist1d")
+    args = mnist1d_data.get_dataset_args()
     args.num_samples, args.train_split, args.seed, args.shuffle_seq = num_samples, train_split, seed, shuffle_seq
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
-        data = make_dataset(args)
+        data = mnist1d_data.make_dataset(args)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
