@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from nm_lightning.export.artifacts import FILE_NAMES, FORMATS, METADATA, check_formats, write_artifacts
-from nm_lightning.last_checkpoint import LastCheckpoint
+from nm_lightning.callbacks.last_checkpoint import LastCheckpoint
+from nm_lightning.export.artifacts import FILE_NAMES, FORMATS, METADATA, check_formats, export_artifacts
 from nm_lightning.masks import nm_mask
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import sparse_layers
@@ -97,7 +97,7 @@ def _metrics(trainer: pl.Trainer, prefixes: tuple[str, ...] | None = None) -> di
 
 
 class ExportCallback(Callback):
-    """Write the export through :func:`nm_lightning.export.write_artifacts` at the end of ``test`` (or of
+    """Write the export through :func:`nm_lightning.export.export_artifacts` at the end of ``test`` (or of
     ``fit`` when not testing): global rank 0 writes, every rank waits at barriers around it.
 
     The LightningModule itself is exported, so layer names (``net.features.3``) and the keys of
@@ -120,17 +120,11 @@ class ExportCallback(Callback):
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        trainer.strategy.barrier("nm_train_export_start")
-        try:
-            if trainer.is_global_zero:
-                extra = {
-                    "global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                    "metrics": _metrics(trainer, ("test", "val")),
-                    "total_params": sum(p.numel() for p in pl_module.parameters()), **self.extra,
-                }
-                self.meta = write_artifacts(pl_module, self.out_dir, self.formats, extra=extra)
-        finally:
-            trainer.strategy.barrier("nm_train_export_end")
+        extra = {
+            "metrics": _metrics(trainer, ("test", "val")),
+            "total_params": sum(p.numel() for p in pl_module.parameters()), **self.extra,
+        }  # fmt: skip
+        self.meta = export_artifacts(trainer, pl_module, self.out_dir, self.formats, extra=extra)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "test":

@@ -101,7 +101,7 @@ def _run_resume(tmp_path, cb_factory):
 
 def test_resume_is_bit_exact(tmp_path):
     path, cb = _run_resume(tmp_path, lambda: SRSTECallback(2, 4, decay=0.01))
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert "nm_lightning" in ckpt and not any(".parametrizations." in k for k in ckpt["state_dict"])
     assert cb._first_masks is not None
 

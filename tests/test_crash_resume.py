@@ -118,7 +118,7 @@ def test_crash_mid_epoch_then_resume_is_bit_identical(tmp_path, case):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _fit(tmp_path / "run", [*make(), Crash(at=7)])  # step 7 is in the middle of epoch 1 (4 steps per epoch)
     last = tmp_path / "run" / "ckpt" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 6  # the newest checkpoint, mid-epoch
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # the newest checkpoint, mid-epoch
 
     trainer, model = _fit(tmp_path / "run", make(), ckpt_path=last)  # fresh model, fresh callbacks
     assert trainer.global_step == full_trainer.global_step

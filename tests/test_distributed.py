@@ -133,7 +133,7 @@ def _script(tmp_path: Path, mode: str, devices: int, batch_size: int) -> Path:
     """Run ``ddp_script.py`` (``strategy="ddp"``: Lightning relaunches the script for rank 1)."""
     out = tmp_path / f"{mode}_{devices}"
     out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(SCRIPT.parent.parent)}
     cmd = [sys.executable, str(SCRIPT), str(out), mode, str(devices), str(batch_size)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

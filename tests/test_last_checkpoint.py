@@ -9,7 +9,7 @@ from conftest import TinyNet, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from nm_lightning import SRSTECallback
-from nm_lightning.last_checkpoint import LastCheckpoint
+from nm_lightning.callbacks.last_checkpoint import LastCheckpoint
 
 
 class WorseningNet(TinyNet):

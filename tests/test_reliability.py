@@ -142,5 +142,5 @@ def test_training_with_low_precision_weights(tmp_path, precision):
         w = layer.module.weight
         assert w.dtype == dtype and torch.isfinite(layer.original).all(), name
         assert torch.equal(w != 0, nm_mask(layer.original, 2, 4) & (w != 0)), name
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert state["fc1.weight"].dtype == dtype

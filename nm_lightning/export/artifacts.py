@@ -291,9 +291,12 @@ def export_artifacts(
     pl_module: pl.LightningModule,
     out_dir: str | Path,
     formats: Sequence[str] = FORMATS,
+    *,
+    extra: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any] | None:
-    """Call from ``on_fit_end``: rank 0 writes :func:`write_artifacts`; every rank waits at barriers.
+    """Call from ``on_fit_end`` (or ``on_test_end``): rank 0 writes :func:`write_artifacts`; every rank waits at
+    barriers. The metadata holds the global step and epoch, plus the caller's ``extra``.
 
     Returns the metadata on global rank 0 and ``None`` elsewhere. All ranks must call it (it issues
     two ``trainer.strategy.barrier()`` collectives).
@@ -303,8 +306,8 @@ def export_artifacts(
     meta = None
     try:
         if trainer.is_global_zero:
-            extra = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
-            meta = write_artifacts(pl_module, out_dir, formats, extra=extra, **kwargs)
+            info = {"global_step": int(trainer.global_step), "epoch": int(trainer.current_epoch), **(extra or {})}
+            meta = write_artifacts(pl_module, out_dir, formats, extra=info, **kwargs)
     finally:
         trainer.strategy.barrier("nm_lightning_export_end")
     return meta
