@@ -5,7 +5,11 @@
 * :mod:`~nm_lightning.export.semi_structured`: 2:4 ``torch.sparse`` semi-structured (CUDA sm80+) and the
   CUTLASS packed file format (CPU).
 * :mod:`~nm_lightning.export.cpu`: fast CPU inference kernels chosen per layer by measurement.
-* :func:`export_artifacts`: all of the above at ``on_fit_end`` (rank 0, barriers).
+* ``_convert``: what both measured converters share (output checks over every tensor, interleaved
+  timers, the end-to-end check that reverts layers until the whole model is not slower, the report base).
+* :func:`write_artifacts` / :func:`export_artifacts`: all files of an export plus ``scheme.json``, written
+  into a temporary sibling directory and moved into place as one unit (the latter at ``on_fit_end``:
+  rank 0, barriers).
 """
 
 from nm_lightning.export.artifacts import export_artifacts, write_artifacts

@@ -111,12 +111,14 @@ def _tensor_check(path: str, ref: torch.Tensor, out: torch.Tensor, rtol: float |
         return f"{path}: shape {list(out.shape)} != reference {list(ref.shape)}"
     if ref.numel() == 0:
         return TensorCheck(path, 0.0, 0.0, 0.0)
+    out = out.to(ref.device)
     if not (ref.is_floating_point() or ref.is_complex()):
-        diff = float((out.cpu() != ref.cpu()).sum())  # ids, masks, counts: exact
+        diff = float((out != ref).sum())  # ids, masks, counts: exact
         return TensorCheck(path, diff, 0.0, 0.0)
-    r, o = ref.detach().double().cpu(), out.detach().double().cpu()
+    wide = torch.float64 if ref.dtype == torch.float64 else torch.float32  # on the tensors' device
+    r, o = ref.detach().to(wide), out.detach().to(wide)
     same = (o == r) | (torch.isnan(o) & torch.isnan(r))
-    diff = torch.where(same, torch.zeros((), dtype=torch.float64), (o - r).abs())
+    diff = torch.where(same, torch.zeros((), dtype=wide, device=r.device), (o - r).abs())
     finite = r[torch.isfinite(r)]
     ref_max = float(finite.abs().max()) if finite.numel() else 0.0
     tol = (default_rtol(ref.dtype) if rtol is None else rtol) * max(1.0, ref_max)

@@ -129,8 +129,6 @@ def check_stored_tensor(t: Any, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: expected a tensor, got {type(t).__name__}")
     if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type != "cpu":
         raise ValueError(f"{where}: expected a dense (strided) CPU tensor, got layout {t.layout} on {t.device}")
-    if t.dtype.is_complex or t.dtype not in _STORED_DTYPES:
-        raise ValueError(f"{where}: unsupported dtype {t.dtype}")
     if not t.is_contiguous() or t.storage_offset() != 0:
         raise ValueError(
             f"{where}: tensor of shape {list(t.shape)} has strides {list(t.stride())} and offset "
@@ -144,14 +142,6 @@ def check_stored_tensor(t: Any, where: str) -> torch.Tensor:
             f"{stored}; the exporters write each tensor with a storage of exactly its size"
         )
     return t
-
-
-_STORED_DTYPES = frozenset(
-    {
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    }
-)  # fmt: skip
 
 
 def check_stored_tree(value: Any, where: str, storages: set[int] | None = None, depth: int = 0) -> None:

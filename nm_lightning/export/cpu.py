@@ -193,7 +193,7 @@ class LayerChoice:
 
     @property
     def speedup(self) -> float | None:
-        if "dense" not in self.times_ms or self.kernel not in self.times_ms:
+        if self.kernel == "dense" or "dense" not in self.times_ms or self.kernel not in self.times_ms:
             return None
         return self.times_ms["dense"] / self.times_ms[self.kernel]
 

@@ -2,8 +2,10 @@
 
 Two entry points:
 
-* :func:`to_semi_structured` converts a model's eligible layers in place on a CUDA GPU (sm80+) and
-  checks its outputs against the masked dense model. Without CUDA it converts nothing and says why.
+* :func:`to_semi_structured` converts, in place on a CUDA GPU (sm80+), the eligible layers where a 2:4
+  kernel (cuSPARSELt or CUTLASS) is measured faster than dense on the layer's real input, checks the
+  whole model end to end (reverting layers until it is not slower) and checks every output tensor
+  against the masked dense model. Without CUDA it converts nothing and says why.
 * :func:`save_semi_structured` / :func:`load_semi_structured` write and read the CUTLASS packed format
   (values + int16 metadata) on any machine, using torch's pure-PyTorch conversion functions, which run
   on CPU. On a GPU, :func:`semi_structured_weight` turns a stored pair into a CUTLASS sparse tensor.
