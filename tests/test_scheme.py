@@ -207,3 +207,13 @@ def test_save_replaces_the_file_whole(tmp_path):
     NMScheme(TINY_SCHEME).save(path)
     assert NMScheme.load(path) == TINY_SCHEME
     assert sorted(os.listdir(tmp_path)) == ["s.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_depth_limit_is_exact(tmp_path, fmt):
+    def text(depth: int) -> str:  # the outer mapping and the entry are 2 levels; the rest are lists
+        inner = "[" * (depth - 2) + "]" * (depth - 2)
+        return f'{{"fc1": {{"n": 2, "m": 4, "x": {inner}}}}}' if fmt == "json" else f"fc1: {{n: 2, m: 4, x: {inner}}}\n"
+
+    assert NMScheme.load(_write(tmp_path, text(MAX_SCHEME_DEPTH))) == {"fc1": (2, 4)}
+    _error(tmp_path, text(MAX_SCHEME_DEPTH + 1), rf"nested deeper than {MAX_SCHEME_DEPTH} levels")
