@@ -48,6 +48,7 @@ class NMInfo:
     n: int
     m: int
     layout: Layout
+    input_dim: int = 1  # the weight dim the groups run along (0 for [in, out] weights such as HF Conv1D)
 
 
 def layer_name(key: str) -> str:
@@ -68,29 +69,31 @@ def nm_infos(state_dict: Mapping[str, Any]) -> dict[str, NMInfo]:
     """N:M layers of a sparsified model's state dict, keyed by their plain key (from the validated N:M states)."""
     from nm_lightning.sparsify.state_dict import saved_states
 
-    return {fqn: NMInfo(fqn, s.name, s.n, s.m, s.layout) for fqn, s in saved_states(state_dict).items()}
+    return {fqn: NMInfo(fqn, s.name, s.n, s.m, s.layout, s.input_dim) for fqn, s in saved_states(state_dict).items()}
 
 
-def to_groups(weight: torch.Tensor, m: int, layout: Layout) -> torch.Tensor:
+def to_groups(weight: torch.Tensor, m: int, layout: Layout, input_dim: int = 1) -> torch.Tensor:
     """``[G, m]`` contiguous copy/view of ``weight``'s N:M groups, in group order."""
-    gv = group_view(weight.shape, layout)
+    gv = group_view(weight.shape, layout, input_dim=input_dim)
     w = weight.contiguous().reshape(gv.outer, gv.length // m, m, gv.inner)
     if gv.inner > 1:
         w = w.permute(0, 1, 3, 2)
     return w.reshape(-1, m).contiguous()
 
 
-def from_groups(groups: torch.Tensor, shape: tuple[int, ...], m: int, layout: Layout) -> torch.Tensor:
+def from_groups(
+    groups: torch.Tensor, shape: tuple[int, ...], m: int, layout: Layout, input_dim: int = 1
+) -> torch.Tensor:
     """Inverse of :func:`to_groups`."""
-    gv = group_view(shape, layout)
+    gv = group_view(shape, layout, input_dim=input_dim)
     if gv.inner > 1:
         return groups.reshape(gv.outer, gv.length // m, gv.inner, m).permute(0, 1, 3, 2).reshape(shape).contiguous()
     return groups.reshape(shape)
 
 
-def group_position(shape: tuple[int, ...], m: int, layout: Layout, g: int) -> str:
+def group_position(shape: tuple[int, ...], m: int, layout: Layout, g: int, input_dim: int = 1) -> str:
     """Human-readable location of group ``g`` (for error messages)."""
-    gv = group_view(shape, layout)
+    gv = group_view(shape, layout, input_dim=input_dim)
     if layout == "flat" or len(shape) < 2:
         return f"flat elements {g * m}..{g * m + m - 1}"
     per_outer = (gv.length // m) * gv.inner

@@ -168,7 +168,8 @@ def _select(groups: torch.Tensor, n: int, key: str, info: NMInfo, shape: tuple[i
         g = int(too_many.nonzero()[0, 0])
         raise ValueError(
             f"layer {info.name!r} ({key}, shape {list(shape)}) is not {n}:{info.m} ({info.layout}): "
-            f"group {g} ({group_position(shape, info.m, info.layout, g)}) has {int(counts[g])} non-zeros, "
+            f"group {g} ({group_position(shape, info.m, info.layout, g, info.input_dim)}) "
+            f"has {int(counts[g])} non-zeros, "
             f"more than n={n}; {int(too_many.sum())} of {groups.shape[0]} groups violate the pattern"
         )
     return keep
@@ -179,11 +180,11 @@ def _pack_layer(weight: torch.Tensor, info: NMInfo, coding: str) -> dict[str, An
     if weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"layer {info.name!r} ({key}): cannot pack dtype {weight.dtype}; expected a float weight")
     shape = tuple(weight.shape)
-    reason = check_nm(shape, n, m, layout)
+    reason = check_nm(shape, n, m, layout, input_dim=info.input_dim)
     if reason is not None:
         raise ValueError(f"layer {info.name!r} ({key}): cannot pack as {n}:{m}: {reason}")
     coding = _resolve_coding(coding, n, m)
-    groups = to_groups(weight.detach().cpu(), m, layout)
+    groups = to_groups(weight.detach().cpu(), m, layout, info.input_dim)
     keep = _select(groups, n, key, info, shape)
     n_groups = groups.shape[0]
     flat = keep.reshape(-1).nonzero().squeeze(1)  # exactly n per group: group order, ascending position
@@ -198,6 +199,7 @@ def _pack_layer(weight: torch.Tensor, info: NMInfo, coding: str) -> dict[str, An
         "n": n,
         "m": m,
         "layout": layout,
+        "input_dim": info.input_dim,
         "coding": coding,
         "bits": bits,
         "groups": n_groups,
@@ -212,7 +214,7 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
 
     if not isinstance(entry, Mapping):
         raise bad(f"expected a dict, got {type(entry).__name__}")
-    need = ("shape", "dtype", "n", "m", "layout", "coding", "bits", "groups", "values", "codes")
+    need = ("shape", "dtype", "n", "m", "layout", "input_dim", "coding", "bits", "groups", "values", "codes")
     missing = [f for f in need if f not in entry]
     if missing:
         raise bad(f"missing field(s) {missing}")
@@ -227,11 +229,14 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
     if not isinstance(shape, (list, tuple)) or not all(type(s) is int and s > 0 for s in shape):
         raise bad(f"field 'shape' must be a list of positive ints, got {shape!r}")
     shape = tuple(shape)
+    input_dim = entry["input_dim"]
+    if type(input_dim) is not int or not 0 <= input_dim < len(shape):
+        raise bad(f"field 'input_dim' must be an int in [0, {len(shape)}) for shape {list(shape)}, got {input_dim!r}")
     dtype = dtype_from_name(entry["dtype"], f"{where}: layer {key!r} field 'dtype'")
     coding = entry["coding"]
     if coding not in ("bits", "combinatorial"):
         raise bad(f"field 'coding' must be 'bits' or 'combinatorial', got {coding!r}")
-    reason = check_nm(shape, n, m, layout)
+    reason = check_nm(shape, n, m, layout, input_dim=input_dim)
     if reason is not None:
         raise bad(f"shape {list(shape)} does not fit {n}:{m}: {reason}")
     if coding == "combinatorial" and math.comb(m, n) > _MAX_TABLE:
@@ -266,7 +271,7 @@ def _unpack_layer(entry: Any, key: str, where: str) -> torch.Tensor:
             raise bad(f"positions out of range or not strictly increasing inside groups of {m}")
     dense = torch.zeros(groups, m, dtype=dtype)  # pruned entries are +0.0
     dense.scatter_(1, idx, values.reshape(groups, n))
-    return from_groups(dense, shape, m, layout)
+    return from_groups(dense, shape, m, layout, input_dim)
 
 
 # ---------------------------------------------------------------------------------------------- state dicts
@@ -278,7 +283,9 @@ def _scheme_infos(scheme: Mapping[str, Any], plain: Mapping[str, Any], layout: s
         key = name if isinstance(plain.get(name), torch.Tensor) else f"{name}.weight"
         if not isinstance(plain.get(key), torch.Tensor):
             raise ValueError(f"scheme names layer {name!r}, but the state dict has neither {name!r} nor {key!r}")
+        input_dim = 1
         if isinstance(value, Mapping):
+            input_dim = value.get("input_dim", 1)
             value = (value.get("n"), value.get("m"), value.get("layout", layout))
         if not isinstance(value, (list, tuple)) or len(value) not in (2, 3):
             raise ValueError(f"scheme entry {name!r} must be (n, m) or (n, m, layout), got {value!r}")
@@ -286,7 +293,9 @@ def _scheme_infos(scheme: Mapping[str, Any], plain: Mapping[str, Any], layout: s
             n, m, lay = validate_nm(value[0], value[1], value[2] if len(value) == 3 else layout)
         except (TypeError, ValueError) as err:
             raise ValueError(f"scheme entry {name!r}: {err}") from None
-        out[key] = NMInfo(key, layer_name(key), n, m, lay)
+        if type(input_dim) is not int or not 0 <= input_dim < plain[key].dim():
+            raise ValueError(f"scheme entry {name!r}: input_dim must be a dim of the weight, got {input_dim!r}")
+        out[key] = NMInfo(key, layer_name(key), n, m, lay, input_dim)
     return out
 
 
@@ -315,7 +324,7 @@ def pack_state_dict(
                     f"scheme entry for {info.name!r} says {info.n}:{info.m} ({info.layout}) but the model's "
                     f"N:M state says {old.n}:{old.m} ({old.layout})"
                 )
-            infos[key] = info
+            infos[key] = info if old is None else old
     tensors: dict[str, Any] = {}
     layers: dict[str, Any] = {}
     for key, value in plain.items():
