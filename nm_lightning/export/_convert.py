@@ -25,6 +25,7 @@ from torch import nn
 
 __all__ = [
     "Conversion",
+    "KernelTimes",
     "ConversionReport",
     "EndToEnd",
     "OutputCheck",
@@ -59,6 +60,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- output checks
 def default_rtol(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+class KernelTimes:
+    """Mixin of a per-layer result that holds ``times_ms`` (median ms per kernel) and the chosen ``kernel``."""
+
+    kernel: str
+    times_ms: dict[str, float]
+
+    @property
+    def speedup(self) -> float | None:
+        """Dense time over the chosen kernel's time (``None`` when dense was kept or a time is missing)."""
+        if self.kernel == "dense" or "dense" not in self.times_ms or self.kernel not in self.times_ms:
+            return None
+        return self.times_ms["dense"] / self.times_ms[self.kernel]
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize
 from nm_lightning.export._convert import (
     Conversion,
     ConversionReport,
+    KernelTimes,
     Timer,
     TimingContext,
     call_model,
@@ -181,7 +182,7 @@ class SparseConv2dCPU(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- report
 @dataclass
-class LayerChoice:
+class LayerChoice(KernelTimes):
     name: str
     type_name: str
     weight_shape: tuple[int, ...]
@@ -190,12 +191,6 @@ class LayerChoice:
     kernel: str = "dense"
     times_ms: dict[str, float] = field(default_factory=dict)
     reason: str = ""
-
-    @property
-    def speedup(self) -> float | None:
-        if self.kernel == "dense" or "dense" not in self.times_ms or self.kernel not in self.times_ms:
-            return None
-        return self.times_ms["dense"] / self.times_ms[self.kernel]
 
 
 @dataclass(kw_only=True)

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from nm_lightning.export._convert import (
     Conversion,
     ConversionReport,
+    KernelTimes,
     Timer,
     TimingContext,
     call_model,
@@ -78,7 +79,7 @@ VERSION = 2
 
 
 @dataclass
-class LayerResult:
+class LayerResult(KernelTimes):
     name: str
     type_name: str
     shape: tuple[int, ...]
@@ -87,12 +88,6 @@ class LayerResult:
     input_shape: tuple[int, ...] | None = None
     times_ms: dict[str, float] = field(default_factory=dict)
     kernel: str = "dense"
-
-    @property
-    def speedup(self) -> float | None:
-        if self.kernel == "dense" or "dense" not in self.times_ms or self.kernel not in self.times_ms:
-            return None
-        return self.times_ms["dense"] / self.times_ms[self.kernel]
 
 
 @dataclass(kw_only=True)
