@@ -463,8 +463,11 @@ def _select(
 
 
 # ---------------------------------------------------------------------------------------------- forward plumbing
-class _Stop(Exception):
-    """Raised from a hook to end a calibration forward once the layers being pruned have their inputs."""
+class _Stop(BaseException):
+    """Raised from a hook to end a calibration forward once the layers being pruned have their inputs.
+
+    A ``BaseException``, so that a model catching ``Exception`` in its forward does not swallow it.
+    """
 
 
 def _to_device(item: Any, device: torch.device) -> Any:
