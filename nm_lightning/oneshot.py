@@ -470,6 +470,10 @@ class _Stop(BaseException):
     """
 
 
+class _LayerError(ValueError):
+    """A problem found at a named layer while a calibration forward runs (passed through, never re-wrapped)."""
+
+
 def _to_device(item: Any, device: torch.device) -> Any:
     if isinstance(item, torch.Tensor):
         return item.to(device)
@@ -555,7 +559,7 @@ def _run_all(model: nn.Module, batches: list[Any], what: str, start: int = 0) ->
             stack.clear()
             try:
                 _call(model, item)
-            except _Stop:
+            except (_Stop, _LayerError):
                 raise
             except Exception as exc:
                 where = names.get(stack[-1], "?") if stack else "<model>"
@@ -795,14 +799,14 @@ def _prune_group(
 
     def add(t: _Target, part: _Part, slot: int, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"layer {t.name!r}: its input {part.arg!r} is not a tensor ({type(x).__name__})")
+            raise _LayerError(f"layer {t.name!r}: its input {part.arg!r} is not a tensor ({type(x).__name__})")
         if any(r() is x for r in added[slot]):  # a sibling already added this very tensor
             return
         added[slot].append(weakref.ref(x))
         X = t.features(x.detach(), part)
         finite = torch.isfinite(X)
         if not bool(finite.all()):
-            raise ValueError(
+            raise _LayerError(
                 f"layer {t.name!r}: its calibration inputs contain {int((~finite).sum())} NaN/Inf value(s) "
                 f"(batch {batch[0]}); check the model and the calibration data"
             )
