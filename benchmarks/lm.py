@@ -1,6 +1,6 @@
 """LM benchmark (issue 15): one-shot N:M pruning of a byte-level transformer LM, then fine-tuning, offline.
 
-    flock /work/bench.lock /work/venv/bin/python benchmarks/lm.py            # full: 3 seeds (~25 min, 2 cores)
+    flock /work/bench.lock /work/venv/bin/python benchmarks/lm.py            # full: 3 seeds (~10 min, 2 cores)
     flock /work/bench.lock /work/venv/bin/python benchmarks/lm.py --quick    # same code path, small (<= 3 min)
     /work/venv/bin/python benchmarks/lm.py --from-json benchmarks/lm.json     # re-render a saved run
 
@@ -463,17 +463,17 @@ def main() -> None:
             layers=2,
             heads=4,
             ctx=48,
-            steps=80,
+            steps=60,
             batch=16,
             lr=3e-3,
-            ft_steps=4,
+            ft_steps=3,
             ft_lr=3e-4,
             c=0.3,
             calib=32,
             calib_bs=16,
             max_train=500_000,
             max_eval=100_000,
-            eval_windows=48,
+            eval_windows=32,
             quick=True,
         )
         seeds = args.seeds or [0, 1, 2]

@@ -190,8 +190,8 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_correlated_inputs():
         lin.load_state_dict(base.state_dict())
         rep = prune_one_shot(lin, x, 2, 4, method=method, progress=False)
         # the error measured directly on the layer's outputs (bias cancels)
-        xx = torch.cat(x)
-        direct = ((xx @ (base.weight - lin.weight).detach().t()) ** 2).sum() / ((xx @ base.weight.t()) ** 2).sum()
+        xx, w0, w1 = torch.cat(x), base.weight.detach(), lin.weight.detach()
+        direct = ((xx @ (w0 - w1).t()) ** 2).sum() / ((xx @ w0.t()) ** 2).sum()
         assert rep.layers[0].rel_error == pytest.approx(float(direct), rel=1e-9)
         errors[method] = rep.layers[0].rel_error
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
