@@ -59,6 +59,7 @@ __all__ = ["METHODS", "OneShotLayer", "OneShotReport", "prune_one_shot", "sparse
 
 Method = Literal["sparsegpt", "wanda", "magnitude"]
 METHODS: tuple[str, ...] = ("sparsegpt", "wanda", "magnitude")
+_MHA_CONTEXT = "<attention output>"
 _MHA_INPUTS = {"in_proj_weight": None, "q_proj_weight": "query", "k_proj_weight": "key", "v_proj_weight": "value"}
 
 
@@ -268,7 +269,15 @@ def _im2col(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:  
 
 
 def _make_target(
-    name: str, module_name: str, module: nn.Module, param: str, input_dim: int, n: int, m: int, layout: Layout
+    name: str,
+    module_name: str,
+    module: nn.Module,
+    param: str,
+    input_dim: int,
+    n: int,
+    m: int,
+    layout: Layout,
+    parent: nn.Module | None = None,
 ) -> _Target:
     w = module._parameters[param]  # noqa: SLF001
     assert w is not None
@@ -314,7 +323,15 @@ def _make_target(
         return x2d.reshape(-1, c, kpos).transpose(1, 2).reshape(-1, kpos * c)
 
     source = module
-    if isinstance(module, nn.MultiheadAttention):
+    if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj and param == "weight":
+        # MultiheadAttention reads out_proj.weight directly (out_proj's forward never runs): its input is the
+        # attention output before the projection, recomputed from the MHA's own call (see _mha_context)
+        source = parent
+        parts = [_Part(slice(0, out_f), _MHA_CONTEXT, hkey=("linear",))]
+
+        def features(x: torch.Tensor, part: _Part) -> torch.Tensor:
+            return x.reshape(-1, in_f)
+    elif isinstance(module, nn.MultiheadAttention):
         e = module.embed_dim
         if param == "in_proj_weight":
             parts = [
@@ -433,7 +450,8 @@ def _select(
                 continue
             input_dim = input_dim_of(module, param)
             assert input_dim is not None
-            targets.append(_make_target(name, module_name, module, param, input_dim, ln, lm, layout))
+            parent = model.get_submodule(module_name.rpartition(".")[0]) if module_name else None
+            targets.append(_make_target(name, module_name, module, param, input_dim, ln, lm, layout, parent))
     if scheme is not None:
         missing = sorted(set(scheme) - seen)
         if missing:
@@ -445,8 +463,15 @@ def _select(
 
 
 # ---------------------------------------------------------------------------------------------- forward plumbing
-class _Stop(Exception):
-    """Raised from a hook to end a calibration forward once the layers being pruned have their inputs."""
+class _Stop(BaseException):
+    """Raised from a hook to end a calibration forward once the layers being pruned have their inputs.
+
+    A ``BaseException``, so that a model catching ``Exception`` in its forward does not swallow it.
+    """
+
+
+class _LayerError(ValueError):
+    """A problem found at a named layer while a calibration forward runs (passed through, never re-wrapped)."""
 
 
 def _to_device(item: Any, device: torch.device) -> Any:
@@ -467,6 +492,29 @@ def _call(model: nn.Module, item: Any) -> Any:
     if isinstance(item, (tuple, list)):
         return model(*item)
     return model(item)
+
+
+def _input(mod: nn.Module, args: tuple, kwargs: dict, key: str | int) -> Any:
+    """The input ``key`` names in a pre-hook call of ``mod`` (a position, an argument name, or the MHA context)."""
+    if key == _MHA_CONTEXT:
+        return _mha_context(mod, args, kwargs)  # type: ignore[arg-type]
+    return _arg(args, kwargs, key, _MHA_POS)
+
+
+def _mha_context(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The attention output *before* ``out_proj``: the MHA's own forward with an identity projection."""
+    w, b = mha.out_proj.weight, mha.out_proj.bias
+    saved_w, saved_b = w.data, None if b is None else b.data
+    try:
+        w.data = torch.eye(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        if b is not None:
+            b.data = torch.zeros_like(saved_b)
+        out = mha.forward(*args, **kwargs)  # forward, not __call__: no hooks run again
+    finally:
+        w.data = saved_w
+        if b is not None:
+            b.data = saved_b
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _arg(args: tuple, kwargs: dict, key: str | int, positions: Mapping[str, int]) -> Any:
@@ -511,7 +559,7 @@ def _run_all(model: nn.Module, batches: list[Any], what: str, start: int = 0) ->
             stack.clear()
             try:
                 _call(model, item)
-            except _Stop:
+            except (_Stop, _LayerError):
                 raise
             except Exception as exc:
                 where = names.get(stack[-1], "?") if stack else "<model>"
@@ -554,7 +602,7 @@ def _call_order(model: nn.Module, targets: list[_Target], items: list[Any]) -> l
                 calls[id(t)] = calls.get(id(t), 0) + 1
                 if calls[id(t)] > 1:
                     continue
-                xs = [_arg(args, kwargs, p.arg, _MHA_POS) for p in t.parts]
+                xs = [_input(mod, args, kwargs, p.arg) for p in t.parts]
                 lead = groups[-1][0] if groups else None
                 lead_x = slot_refs[lead.slots[0]][0]() if lead is not None and slot_refs else None
                 if lead_x is None or lead_x is not xs[0] or not isinstance(xs[0], torch.Tensor):
@@ -587,7 +635,7 @@ def _call_order(model: nn.Module, targets: list[_Target], items: list[Any]) -> l
     if never:
         raise ValueError(
             f"prune_one_shot: layers {never} received no input during the calibration forward (the model does not "
-            "call their forward; e.g. nn.MultiheadAttention reads out_proj.weight directly). Exclude them with "
+            "call their forward, or reads their weight directly). Exclude them with "
             "exclude=[...] to prune the rest"
         )
     for t in targets:
@@ -751,14 +799,14 @@ def _prune_group(
 
     def add(t: _Target, part: _Part, slot: int, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"layer {t.name!r}: its input {part.arg!r} is not a tensor ({type(x).__name__})")
+            raise _LayerError(f"layer {t.name!r}: its input {part.arg!r} is not a tensor ({type(x).__name__})")
         if any(r() is x for r in added[slot]):  # a sibling already added this very tensor
             return
         added[slot].append(weakref.ref(x))
         X = t.features(x.detach(), part)
         finite = torch.isfinite(X)
         if not bool(finite.all()):
-            raise ValueError(
+            raise _LayerError(
                 f"layer {t.name!r}: its calibration inputs contain {int((~finite).sum())} NaN/Inf value(s) "
                 f"(batch {batch[0]}); check the model and the calibration data"
             )
@@ -774,7 +822,7 @@ def _prune_group(
                 if once and id(t) not in pending:
                     continue
                 for part, slot in zip(t.parts, t.slots, strict=True):
-                    add(t, part, slot, _arg(args, kwargs, part.arg, _MHA_POS))
+                    add(t, part, slot, _input(mod, args, kwargs, part.arg))
                 pending.discard(id(t))
             if once and not pending:
                 raise _Stop

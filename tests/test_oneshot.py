@@ -190,8 +190,8 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_correlated_inputs():
         lin.load_state_dict(base.state_dict())
         rep = prune_one_shot(lin, x, 2, 4, method=method, progress=False)
         # the error measured directly on the layer's outputs (bias cancels)
-        xx = torch.cat(x)
-        direct = ((xx @ (base.weight - lin.weight).detach().t()) ** 2).sum() / ((xx @ base.weight.t()) ** 2).sum()
+        xx, w0, w1 = torch.cat(x), base.weight.detach(), lin.weight.detach()
+        direct = ((xx @ (w0 - w1).t()) ** 2).sum() / ((xx @ w0.t()) ** 2).sum()
         assert rep.layers[0].rel_error == pytest.approx(float(direct), rel=1e-9)
         errors[method] = rep.layers[0].rel_error
     assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
@@ -284,16 +284,46 @@ def test_multihead_attention_projections():
 
     block = Block()
     batches = [(torch.randn(2, 5, 16), torch.randn(2, 7, 8)) for _ in range(2)]
-    with pytest.raises(ValueError, match=r"attn\.out_proj.*received no input"):
-        prune_one_shot(block, batches, 2, 4, progress=False)
-    rep = prune_one_shot(block, batches, 2, 4, exclude="*out_proj", progress=False)
+    x = torch.cat([b[0] for b in batches])
+    dense_o = block.attn.out_proj.weight.detach().clone()
+    rep = prune_one_shot(block, batches, 2, 4, progress=False)
     names = [r.name for r in rep.layers]
-    assert names == ["attn.in_proj_weight", "cross.q_proj_weight", "cross.k_proj_weight", "cross.v_proj_weight"]
+    assert names == [
+        "attn.in_proj_weight",
+        "attn.out_proj",
+        "cross.q_proj_weight",
+        "cross.k_proj_weight",
+        "cross.v_proj_weight",
+        "cross.out_proj",
+    ]
     for r in rep.layers:
-        w = block.get_submodule(r.name.rsplit(".", 1)[0])._parameters[r.name.rsplit(".", 1)[1]].detach()
+        mod_name, _, param = r.name.rpartition(".") if r.name.endswith("_weight") else (r.name, "", "weight")
+        w = block.get_submodule(mod_name)._parameters[param].detach()
         assert (w[~nm_mask(w, 2, 4)] == 0).all()
         assert 0 < r.rel_error < 1
+    # out_proj's input is the attention output of the already pruned in_proj (recomputed, not hooked)
+    with torch.no_grad():
+        lin = block.attn.out_proj
+        ctx = F.multi_head_attention_forward(
+            x.transpose(0, 1),
+            x.transpose(0, 1),
+            x.transpose(0, 1),
+            16,
+            2,
+            block.attn.in_proj_weight,
+            block.attn.in_proj_bias,
+            None,
+            None,
+            False,
+            0.0,
+            torch.eye(16),
+            None,
+            need_weights=False,
+        )[0].transpose(0, 1)
+        y0, y1 = ctx @ dense_o.t(), ctx @ lin.weight.t()
+    assert rep.layers[1].rel_error == pytest.approx(float(((y0 - y1) ** 2).sum() / (y0**2).sum()), rel=1e-4)
     assert torch.isfinite(block(*batches[0])).all()
+    assert not any(m._forward_pre_hooks for m in block.modules())
 
 
 def test_scheme_include_exclude_and_report():
@@ -353,12 +383,12 @@ def test_bad_inputs_name_the_layer():
         prune_one_shot(net, torch.randn(4, 8), progress=False)
     bad = torch.randn(4, 8)
     bad[1, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"layer '0': its calibration inputs contain 1 NaN/Inf"):
+    with pytest.raises(ValueError, match=r"^layer '0': its calibration inputs contain 1 NaN/Inf value\(s\) \(batch 0"):
         prune_one_shot(net, [bad], progress=False)
     inf_net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     with torch.no_grad():
         inf_net[0].bias[0] = float("inf")
-    with pytest.raises(ValueError, match=r"layer '2': its calibration inputs contain .* NaN/Inf"):
+    with pytest.raises(ValueError, match=r"^layer '2': its calibration inputs contain .* NaN/Inf"):
         prune_one_shot(inf_net, good, progress=False)
     with pytest.raises(ValueError, match=r"layer '0' \(Linear\): its input size .* = 6 is not divisible by m=4"):
         prune_one_shot(nn.Sequential(nn.Linear(6, 8)), [torch.randn(2, 6)], progress=False)
@@ -382,6 +412,10 @@ def test_bad_inputs_name_the_layer():
         prune_one_shot(nn.Sequential(nn.ReLU()), good, progress=False)
     with pytest.raises(ValueError, match="layout 'flat' groups the stored weight"):
         prune_one_shot(Conv1D(8, 8), [torch.randn(2, 8)], layout="flat", progress=False)
+    unused = nn.ModuleDict({"used": nn.Linear(8, 8), "spare": nn.Linear(8, 8)})
+    unused.forward = lambda x: unused["used"](x)
+    with pytest.raises(ValueError, match=r"layers \['spare'\] received no input during the calibration forward"):
+        prune_one_shot(unused, good, progress=False)
     par = nn.Sequential(nn.Linear(8, 8))
     parametrize.register_parametrization(par[0], "weight", nn.Identity())
     with pytest.raises(ValueError, match=r"layer '0': weight is parametrized; .* plain modules"):
