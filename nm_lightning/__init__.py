@@ -9,10 +9,10 @@ Public API: :func:`nm_mask` (mask math), :class:`NMLayerState` (the one N:M stat
 from nm_lightning.accounting import scheme_stats
 from nm_lightning.callbacks import DominoSearchCallback, SparsityScheduler, SRSTECallback
 from nm_lightning.export import dense_state_dict, export_artifacts, load_packed, save_dense, save_packed
-from nm_lightning.layers import register_layer_type
+from nm_lightning.layers import input_dim_of, known_types, register_layer_type, registered_params
 from nm_lightning.masks import check_nm, nm_mask
 from nm_lightning.metrics import MaskFlipRate
-from nm_lightning.oneshot import prune_one_shot
+from nm_lightning.oneshot import OneShotReport, prune_one_shot
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import (
     attach,
@@ -30,6 +30,7 @@ __all__ = [
     "MaskFlipRate",
     "NMLayerState",
     "NMScheme",
+    "OneShotReport",
     "SRSTECallback",
     "SparsityScheduler",
     "attach",
@@ -37,6 +38,8 @@ __all__ = [
     "dense_state_dict",
     "detach",
     "export_artifacts",
+    "input_dim_of",
+    "known_types",
     "load_packed",
     "nm_mask",
     "nm_state",
@@ -44,6 +47,7 @@ __all__ = [
     "plan_layers",
     "prune_one_shot",
     "register_layer_type",
+    "registered_params",
     "save_dense",
     "save_packed",
     "scheme_stats",
