@@ -41,9 +41,9 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "num_samples": 2000 if quick else 5000,
         "batch_size": 128,
-        "epochs": 6 if quick else 38,
+        "epochs": args.epochs or (6 if quick else 38),
         "seeds": list(range(args.seeds or (2 if quick else 3))),
-        "sweep_c": [0.3] if quick else [0.01, 0.1, 1.0],
+        "sweep_c": args.sweep or ([0.3] if quick else [0.01, 0.1, 1.0]),
         "model": {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2, "dropout": 0.0},
         "workdir": args.workdir or tempfile.mkdtemp(prefix="nm_step_"),
         "workers": args.workers,
@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small data, few epochs, 2 seeds (a smoke run)")
     ap.add_argument("--seeds", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=0, help="epochs of 29 steps (default 38: ~1100 steps)")
+    ap.add_argument("--skip-lambda0", action="store_true", help="leave out the 'STEP fixed λ=0' arm")
+    ap.add_argument("--sweep", type=float, nargs="+", default=None, help="the c values of the SR-STE λ sweep")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = ap.parse_args()
@@ -156,9 +159,10 @@ def main() -> None:
             tasks += [
                 _task(cfg, "warm-up + SR-STE", "warmup", s, nm, c=c, start=start),
                 _task(cfg, "STEP fixed", "step", s, nm, c=c, switch_at=SWITCH),
-                _task(cfg, "STEP fixed λ=0", "step", s, nm, c=0.0, switch_at=SWITCH),
                 _task(cfg, "STEP auto", "step", s, nm, c=c, switch_at="auto"),
             ]
+            if not args.skip_lambda0:
+                tasks.append(_task(cfg, "STEP fixed λ=0", "step", s, nm, c=0.0, switch_at=SWITCH))
     results += run_all(tasks, cfg["workers"])
     for nm in PATTERNS:  # the chosen sweep arm is "SR-STE (λ val)"
         pat = f"{nm[0]}:{nm[1]}"
@@ -193,6 +197,8 @@ def report(results: list[dict[str, Any]], best: dict[str, float], seeds: list[in
         dense, sr = _acc(results, "dense", pat), _acc(results, "SR-STE (λ val)", pat)
         for arm in ["dense", *ARMS]:
             acc = _acc(results, arm, pat)
+            if not acc:
+                continue
             vals = [acc[s] for s in seeds if s in acc]
             mean, std = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
             d_dense = [acc[s] - dense[s] for s in seeds if s in acc and s in dense]
@@ -217,7 +223,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(PATTERNS), figsize=(12, 4), sharey=False)
     for ax, nm in zip(axes, PATTERNS, strict=True):
         pat = f"{nm[0]}:{nm[1]}"
-        arms = ["dense", *ARMS]
+        arms = [a for a in ["dense", *ARMS] if _acc(results, a, pat)]
         for i, arm in enumerate(arms):
             acc = _acc(results, arm, pat)
             ax.scatter([i] * len(acc), list(acc.values()), color="tab:gray", s=12)
