@@ -109,11 +109,21 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_all(tasks: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+def run_all(tasks: list[dict[str, Any]], workers: int, sink: Any = None) -> list[dict[str, Any]]:
+    """Run the tasks in order (``workers`` at a time); ``sink(results)`` after each one (partial results survive)."""
+    results: list[dict[str, Any]] = []
     if workers <= 1:
-        return [run_task(t) for t in tasks]
+        for t in tasks:
+            results.append(run_task(t))
+            if sink:
+                sink(results)
+        return results
     with mp.get_context("spawn").Pool(workers) as pool:
-        return list(pool.imap_unordered(run_task, tasks))
+        for r in pool.imap_unordered(run_task, tasks):
+            results.append(r)
+            if sink:
+                sink(results)
+    return results
 
 
 def _task(cfg: dict[str, Any], arm: str, kind: str, seed: int, nm: tuple[int, int] | None = None, **kw: Any):
@@ -131,50 +141,78 @@ def main() -> None:
     ap.add_argument("--sweep", type=float, nargs="+", default=None, help="the c values of the SR-STE λ sweep")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    ap.add_argument("--report-only", default=None, help="print the table and plot from an existing step.json")
     args = ap.parse_args()
+    if args.report_only:
+        data = json.loads(Path(args.report_only).read_text())
+        runs, best = data["runs"], data["best_c"] or {}
+        for pat, c in best.items():
+            if not any(r["arm"] == "SR-STE (λ val)" and r["pattern"] == pat for r in runs):
+                runs += [
+                    {**r, "arm": "SR-STE (λ val)"}
+                    for r in runs
+                    if r["pattern"] == pat and r["arm"] == f"SR-STE c={c:g}"
+                ]
+        report(runs, best, sorted({r["seed"] for r in runs}))
+        plot(runs, Path(args.out) / "step.png")
+        return
     cfg = config(args)
     seeds = cfg["seeds"]
     t0 = time.perf_counter()
     steps_guess = cfg["epochs"] * -(-int(cfg["num_samples"] * 0.8 * 0.9) // cfg["batch_size"])
     start = max(1, round(SWITCH * steps_guess))
-    # phase 1: dense, STE and the SR-STE λ sweep (c chosen on validation per pattern, mean over seeds)
-    tasks = [_task(cfg, "dense", "dense", s) for s in seeds]
-    for nm in PATTERNS:
-        tasks += [_task(cfg, "STE", "srste", s, nm, c=0.0) for s in seeds]
-        tasks += [_task(cfg, f"SR-STE c={c:g}", "srste", s, nm, c=c) for c in cfg["sweep_c"] for s in seeds]
-    results = run_all(tasks, cfg["workers"])
-    best = {}
-    for nm in PATTERNS:
-        pat = f"{nm[0]}:{nm[1]}"
-        val = {
-            c: statistics.mean(r["val_acc"] for r in results if r["pattern"] == pat and r["arm"] == f"SR-STE c={c:g}")
-            for c in cfg["sweep_c"]
-        }
-        best[pat] = max(val, key=val.get)
-    # phase 2: warm-up without freezing and STEP, with the chosen c
+    out = Path(args.out)
+
+    def save(results: list[dict[str, Any]], best: dict[str, float] | None = None) -> None:
+        (out / "step.json").write_text(json.dumps({"config": {k: v for k, v in cfg.items() if k != "workdir"},
+                                                   "best_c": best, "wall_seconds": time.perf_counter() - t0,
+                                                   "runs": results}, indent=1))  # fmt: skip
+
+    # phase 1 (only with several c values): the SR-STE λ sweep, c chosen on validation per pattern (mean over seeds)
+    results: list[dict[str, Any]] = []
+    best = {f"{n}:{m}": cfg["sweep_c"][0] for n, m in PATTERNS}
+    if len(cfg["sweep_c"]) > 1:
+        tasks = [_task(cfg, f"SR-STE c={c:g}", "srste", s, nm, c=c) for nm in PATTERNS for c in cfg["sweep_c"]
+                 for s in seeds]  # fmt: skip
+        results = run_all(tasks, cfg["workers"], save)
+        for nm in PATTERNS:
+            pat = f"{nm[0]}:{nm[1]}"
+            val = {
+                c: statistics.mean(
+                    r["val_acc"] for r in results if r["pattern"] == pat and r["arm"] == f"SR-STE c={c:g}"
+                )
+                for c in cfg["sweep_c"]
+            }
+            best[pat] = max(val, key=val.get)
+    # phase 2: every arm with the chosen c; pattern by pattern (1:8 first), arm by arm, seed by seed, so that a run
+    # stopped early still holds complete, paired arms
+    done = list(results)
     tasks = []
-    for nm in PATTERNS:
-        c = best[f"{nm[0]}:{nm[1]}"]
-        for s in seeds:
-            tasks += [
-                _task(cfg, "warm-up + SR-STE", "warmup", s, nm, c=c, start=start),
-                _task(cfg, "STEP fixed", "step", s, nm, c=c, switch_at=SWITCH),
-                _task(cfg, "STEP auto", "step", s, nm, c=c, switch_at="auto"),
-            ]
-            if not args.skip_lambda0:
-                tasks.append(_task(cfg, "STEP fixed λ=0", "step", s, nm, c=0.0, switch_at=SWITCH))
-    results += run_all(tasks, cfg["workers"])
+    for nm in PATTERNS[::-1]:
+        pat, c = f"{nm[0]}:{nm[1]}", best[f"{nm[0]}:{nm[1]}"]
+        arms = [("dense", "dense", {}), (f"SR-STE c={c:g}", "srste", {"c": c}),
+                ("STEP fixed", "step", {"c": c, "switch_at": SWITCH}),
+                ("STEP auto", "step", {"c": c, "switch_at": "auto"}), ("STE", "srste", {"c": 0.0}),
+                ("warm-up + SR-STE", "warmup", {"c": c, "start": start})]  # fmt: skip
+        if not args.skip_lambda0:
+            arms.append(("STEP fixed λ=0", "step", {"c": 0.0, "switch_at": SWITCH}))
+        for arm, kind, kw in arms:
+            if arm == "dense":
+                if nm == PATTERNS[-1]:
+                    tasks += [_task(cfg, "dense", "dense", s) for s in seeds]
+                continue
+            if arm.startswith("SR-STE c=") and len(cfg["sweep_c"]) > 1:
+                continue  # run in the sweep
+            tasks += [_task(cfg, arm, kind, s, nm, **kw) for s in seeds]
+    results = done + run_all(tasks, cfg["workers"], lambda rs: save(done + rs, best))
     for nm in PATTERNS:  # the chosen sweep arm is "SR-STE (λ val)"
         pat = f"{nm[0]}:{nm[1]}"
-        for r in results:
+        for r in list(results):
             if r["pattern"] == pat and r["arm"] == f"SR-STE c={best[pat]:g}":
                 results.append({**r, "arm": "SR-STE (λ val)"})
     wall = time.perf_counter() - t0
-    out = Path(args.out)
-    summary = report(results, best, seeds)
-    (out / "step.json").write_text(json.dumps({"config": {k: v for k, v in cfg.items() if k != "workdir"},
-                                               "best_c": best, "wall_seconds": wall, "summary": summary,
-                                               "runs": results}, indent=1))  # fmt: skip
+    report(results, best, seeds)
+    save(results, best)
     plot(results, out / "step.png")
     print(f"\nwall time {wall / 60:.1f} min; wrote {out / 'step.json'} and {out / 'step.png'}")
 
@@ -200,6 +238,8 @@ def report(results: list[dict[str, Any]], best: dict[str, float], seeds: list[in
             if not acc:
                 continue
             vals = [acc[s] for s in seeds if s in acc]
+            if not vals:
+                continue
             mean, std = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
             d_dense = [acc[s] - dense[s] for s in seeds if s in acc and s in dense]
             d_sr = [acc[s] - sr[s] for s in seeds if s in acc and s in sr]
