@@ -13,6 +13,7 @@ from nm_lightning.layers import input_dim_of, known_types, register_layer_type, 
 from nm_lightning.masks import check_nm, nm_mask
 from nm_lightning.metrics import MaskFlipRate
 from nm_lightning.oneshot import OneShotReport, prune_one_shot
+from nm_lightning.optim import AutoSwitch, FrozenSecondMoment, auto_decay
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import (
     attach,
@@ -26,7 +27,8 @@ from nm_lightning.sparsify import (
 from nm_lightning.state import NMLayerState
 
 __all__ = [
-    "DominoSearchCallback",
+    "AutoSwitch",
+    "FrozenSecondMoment",    "DominoSearchCallback",
     "MaskFlipRate",
     "NMLayerState",
     "NMScheme",
@@ -34,6 +36,7 @@ __all__ = [
     "SRSTECallback",
     "SparsityScheduler",
     "attach",
+    "auto_decay",
     "check_nm",
     "dense_state_dict",
     "detach",

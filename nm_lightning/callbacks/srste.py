@@ -18,6 +18,7 @@ from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import mask_flips, nonzero_count
 from nm_lightning.oneshot import METHODS as ONE_SHOT_METHODS
 from nm_lightning.oneshot import OneShotReport
+from nm_lightning.optim import AUTO_DECAY_C, AutoSwitch, StepRecipe, auto_decay, optimizer_holding, peak_lr
 from nm_lightning.report import coverage
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import freeze_layers, load_plain_weights, plan_layers
@@ -90,13 +91,20 @@ class SRSTECallback(NMCallback):
         recompute_masked: between forward and backward keep only the bool mask (1 byte per weight) instead
             of the 4-byte masked weight, and rebuild it exactly in backward (saved-tensor hooks active
             during each training batch).
+        recipe: ``"srste"`` (N:M from the start) or ``"step"`` (STEP, for Adam/AdamW: dense until the switch,
+            then N:M with the N:M weights' Adam second moment frozen; :mod:`nm_lightning.optim`).
+        switch_at: with ``recipe="step"``: an optimizer step (>= 1), a fraction of the budget in (0, 1),
+            ``"auto"`` (default; :class:`~nm_lightning.optim.AutoSwitch` defaults) or an ``AutoSwitch``.
+        decay_c: compute λ at fit start as ``decay_c / (lr · total_steps)`` from the trainer's budget
+            (``estimated_stepping_batches``) and the peak lr (``initial_lr`` of an LR scheduler, else ``lr``)
+            of the optimizer holding the N:M weights; ``decay="auto"`` is ``decay_c=0.2``.
     """
 
     def __init__(
         self,
         n: int = 2,
         m: int = 4,
-        decay: float = 2e-4,
+        decay: float | Literal["auto"] = 2e-4,
         layout: Literal["input_channel", "flat"] = "input_channel",
         include: list[str] | str | None = None,
         exclude: list[str] | str | None = None,
@@ -116,9 +124,22 @@ class SRSTECallback(NMCallback):
         one_shot: Literal["sparsegpt", "wanda", "magnitude"] | None = None,
         calibration_batches: int = 8,
         calibration_input: Callable[[Any], Any] | None = None,
+        recipe: Literal["srste", "step"] = "srste",
+        switch_at: int | float | str | AutoSwitch | None = None,
+        decay_c: float | None = None,
     ) -> None:
         super().__init__()
         who = "SRSTECallback"
+        self.recipe = check_choice(who, "recipe", recipe, ("srste", "step"))
+        if decay == "auto" or decay_c is not None:
+            if decay not in ("auto", 2e-4):
+                raise ValueError(f"{who}: give decay={decay!r} or decay_c={decay_c!r}, not both")
+            self.decay_c: float | None = check_number(who, "decay_c", AUTO_DECAY_C if decay_c is None else decay_c,
+                                                      minimum=0.0)  # fmt: skip
+            decay = 0.0  # set at fit start from the budget
+        else:
+            self.decay_c = None
+        self._step = self._step_recipe(who, recipe, switch_at, mode)
         # the request: read once, when the layers' N:M states are created (they own n from then on)
         self.n, self.m, self.layout = validate_nm(n, m, layout)
         self.decay = check_number(who, "decay", decay, minimum=0.0)
@@ -171,14 +192,33 @@ class SRSTECallback(NMCallback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name, include=self.include, exclude=self.exclude)
 
+    @staticmethod
+    def _step_recipe(who: str, recipe: str, switch_at: Any, mode: str) -> StepRecipe | None:
+        if recipe == "srste":
+            if switch_at is not None:
+                raise ValueError(f"{who} switch_at={switch_at!r} needs recipe='step'")
+            return None
+        if mode == "fixed":
+            raise ValueError(f"{who}: recipe='step' trains dense first; it cannot use mode='fixed'")
+        if switch_at is None or switch_at == "auto":
+            switch_at = AutoSwitch()
+        elif isinstance(switch_at, str):
+            raise ValueError(f"{who} switch_at must be an int step, a float fraction or 'auto', got {switch_at!r}")
+        return StepRecipe(switch_at)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 2, "first_masks": self._first_masks, "prev_masks": self._prev_masks}
+        out = {"version": 2, "first_masks": self._first_masks, "prev_masks": self._prev_masks}
+        return out if self._step is None else {**out, "step": self._step.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") not in (1, 2):
             raise ValueError(f"unsupported SRSTECallback state version {state_dict.get('version')!r}")
         self._first_masks = state_dict.get("first_masks")
         self._prev_masks = state_dict.get("prev_masks")
+        if self._step is not None and "step" in state_dict:
+            self._step.load_state_dict(state_dict["step"])
+        elif self._step is not None:
+            raise ValueError("SRSTECallback(recipe='step'): the checkpoint was written without recipe='step'")
 
     def layer_nm(self) -> dict[str, tuple[int, int]]:
         """Current ``(n, m)`` of every attached layer (read from the layers' states)."""
@@ -245,6 +285,21 @@ class SRSTECallback(NMCallback):
                 "SRSTECallback(mode='dynamic', freeze_at_step=None) with it"
             )
         super().on_train_start(trainer, pl_module)
+        self._start_budget(trainer)
+
+    # ------------------------------------------------------------------ λ from the budget, STEP (nm_lightning.optim)
+    def _start_budget(self, trainer: pl.Trainer) -> None:
+        if self.decay_c is None and self._step is None:
+            return
+        params = [layer.original for layer in self.layers.values()]
+        opt, total = optimizer_holding(trainer.optimizers, params), trainer.estimated_stepping_batches
+        if self.decay_c is not None:
+            lr = peak_lr(opt, params)
+            self.decay = auto_decay(self.decay_c, lr, int(total) if total != float("inf") else 0)
+            rank_zero_info(f"SRSTECallback: λ = {self.decay_c:g} / (lr {lr:g} · {int(total)} steps) = {self.decay:.4g}")
+            self.log_metrics(trainer, {"nm/lambda": self.decay})
+        if self._step is not None:
+            self._step.bind(opt, total, [layer.state for layer in self.layers.values()], params)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -252,6 +307,11 @@ class SRSTECallback(NMCallback):
         if self.recompute_masked and self._saved_hooks is None:
             self._saved_hooks = recompute_masked_weights()
             self._saved_hooks.__enter__()  # left in on_train_batch_end, after this batch's backward
+        if self._step is not None and self._step.before_step(
+            trainer.global_step, [x.state for x in self.layers.values()], [x.original for x in self.layers.values()]
+        ):
+            rank_zero_info(f"SRSTECallback: STEP switch at step {trainer.global_step} (Adam second moment frozen)")
+            self.log_metrics(trainer, self._step.metrics())
         if self.freeze_at_step is not None and trainer.global_step >= self.freeze_at_step and not self.frozen:
             self.freeze(trainer)
 
@@ -275,6 +335,12 @@ class SRSTECallback(NMCallback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._leave_saved_hooks()
+        if self._step is not None:
+            self._step.detach()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._step is not None:
+            self._step.detach()  # the optimizer's step hooks go; the state stays for a later fit
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -283,6 +349,8 @@ class SRSTECallback(NMCallback):
         if trainer.global_step == self._last_step:
             return  # accumulating: no optimizer step yet
         self._last_step = trainer.global_step
+        if self._step is not None:
+            self._step.observe(trainer.global_step)
         with torch.no_grad():
             for layer in self.layers.values():
                 if layer.sparsity.frozen:  # whatever the optimizer did, pruned weights stay exactly zero
@@ -326,6 +394,8 @@ class SRSTECallback(NMCallback):
             out["nm/flip_rate_since_start"] = flips["flip_rate_since_start"] / max(1, total)
         out["nm/frozen"] = float(self.frozen)
         out["nm/lambda"] = self.current_decay()
+        if self._step is not None:
+            out.update(self._step.metrics())
         return out
 
     def _log(self, trainer: pl.Trainer) -> None:
