@@ -2,16 +2,25 @@
  *
  * The contiguous weight is viewed as [rows, m, inner]; every (row, inner) position ("lane") holds one
  * group of m values spaced `inner` elements apart. Magnitudes are compared on the IEEE bit patterns
- * with the sign bit cleared: for finite floats that order equals the order of |w| at every width.
- * Ties keep the lower in-group index, the same rule as a stable descending sort.
+ * with the sign bit cleared, as signed integers of the same width: for finite floats that order equals
+ * the order of |w| at every width. Ties keep the lower in-group index, the same rule as a stable
+ * descending sort.
  *
- * Lanes are processed LANES at a time in a transposed L1 buffer so that every inner loop runs across
- * lanes and vectorizes: a branch-free insertion network finds each group's k-th largest (or smallest)
- * magnitude, then one sweep keeps everything above it and as many ties as are still needed.
+ * m = 2, 4, 8, 16 (the common patterns): rank by comparison. Element i is kept iff fewer than n members
+ * of its group beat it (j beats i when |w_j| > |w_i|, or equal and j < i). With m a compile-time
+ * constant these are branch-free straight-line comparisons on a few registers, and the loop over
+ * groups (inner == 1: groups are m consecutive values) or over the contiguous inner positions
+ * (inner > 1: each of the m rows is a contiguous run) is auto-vectorized (SIMD, no per-lane division,
+ * one pass: the mask and the masked weight are written together).
  *
- * With `wout` not NULL the masked weight (kept values, +0 elsewhere) is written in the same pass, so
- * the SR-STE forward needs no separate masking pass. Returns the number of non-finite values seen (the
- * caller raises when it is not zero).
+ * Other m (up to NM_MAX_M): lanes are processed LANES at a time in a transposed L1 buffer so that every
+ * inner loop runs across lanes and vectorizes: a branch-free insertion network finds each group's k-th
+ * largest (or smallest) magnitude, then one sweep keeps everything above it and as many ties as are
+ * still needed.
+ *
+ * With `wout` not NULL the masked weight (kept values bit for bit, +0 elsewhere) is written in the same
+ * pass, so the SR-STE forward needs no separate masking pass. Returns the number of non-finite values
+ * seen (the caller raises when it is not zero).
  *
  * nm_decay_*: grad += lam * w where the mask is 0 (the SR-STE term), one pass, in place.
  */
@@ -21,7 +30,7 @@
 #define LANES 32
 
 #define NM_DEFINE(NAME, T)                                                                          \
-int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end, int64_t inner, \
+static int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end, int64_t inner, \
              int64_t n, int64_t m, T absmask, T expmask) {                                          \
     T v[NM_MAX_M][LANES];                                                                           \
     T raw[NM_MAX_M][LANES]; /* the weights as read, for the masked-weight output */                 \
@@ -96,9 +105,94 @@ int64_t NAME(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane
     return nonfinite;                                                                               \
 }
 
-NM_DEFINE(nm_mask_u16, uint16_t)
-NM_DEFINE(nm_mask_u32, uint32_t)
-NM_DEFINE(nm_mask_u64, uint64_t)
+NM_DEFINE(nm_generic_u16, uint16_t)
+NM_DEFINE(nm_generic_u32, uint32_t)
+NM_DEFINE(nm_generic_u64, uint64_t)
+
+/* Rank by comparison for a compile-time M. ONE_GROUP ranks the M values v[] (sign-cleared bits as signed
+ * ints) and writes keep[i] = 1 if kept. */
+#define NM_RANK(T, S, M, SUF)                                                                        \
+static inline __attribute__((always_inline)) int64_t nm_rank_body_##SUF##_##M(                      \
+        const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end, int64_t inner,       \
+        int64_t n, T absmask, T expmask, const int with_w) {                                         \
+    int64_t nonfinite = 0;                                                                           \
+    const int nn = (int)n;                                                                           \
+    if (inner == 1) {                                                                                \
+        const T *src = w + lane_begin * M;                                                           \
+        uint8_t *dst = out + lane_begin * M;                                                         \
+        T *wdst = with_w ? wout + lane_begin * M : wout;                                             \
+        const int64_t groups = lane_end - lane_begin;                                                \
+        for (int64_t g = 0; g < groups; ++g) {                                                       \
+            T r[M]; S v[M];                                                                          \
+            for (int j = 0; j < M; ++j) {                                                            \
+                r[j] = src[g * M + j];                                                               \
+                v[j] = (S)(r[j] & absmask);                                                          \
+                nonfinite += ((r[j] & expmask) == expmask);                                          \
+            }                                                                                        \
+            for (int i = 0; i < M; ++i) {                                                            \
+                int cnt = 0;                                                                         \
+                for (int j = 0; j < i; ++j) cnt += (v[j] >= v[i]);                                   \
+                for (int j = i + 1; j < M; ++j) cnt += (v[j] > v[i]);                                \
+                const T keep = (T)(cnt < nn);                                                        \
+                dst[g * M + i] = (uint8_t)keep;                                                      \
+                if (with_w) wdst[g * M + i] = r[i] & (T)(0 - keep);                                  \
+            }                                                                                        \
+        }                                                                                            \
+        return nonfinite;                                                                            \
+    }                                                                                                \
+    int64_t row = lane_begin / inner, c = lane_begin % inner, left = lane_end - lane_begin;          \
+    while (left > 0) {                                                                               \
+        const int64_t cend = (inner - c) < left ? inner : c + left;                                  \
+        const T *src = w + row * M * inner;                                                          \
+        uint8_t *dst = out + row * M * inner;                                                        \
+        T *wdst = with_w ? wout + row * M * inner : wout;                                            \
+        for (int64_t x = c; x < cend; ++x) {                                                         \
+            T r[M]; S v[M];                                                                          \
+            for (int j = 0; j < M; ++j) {                                                            \
+                r[j] = src[j * inner + x];                                                           \
+                v[j] = (S)(r[j] & absmask);                                                          \
+                nonfinite += ((r[j] & expmask) == expmask);                                          \
+            }                                                                                        \
+            for (int i = 0; i < M; ++i) {                                                            \
+                int cnt = 0;                                                                         \
+                for (int j = 0; j < i; ++j) cnt += (v[j] >= v[i]);                                   \
+                for (int j = i + 1; j < M; ++j) cnt += (v[j] > v[i]);                                \
+                const T keep = (T)(cnt < nn);                                                        \
+                dst[i * inner + x] = (uint8_t)keep;                                                  \
+                if (with_w) wdst[i * inner + x] = r[i] & (T)(0 - keep);                              \
+            }                                                                                        \
+        }                                                                                            \
+        left -= cend - c;                                                                            \
+        c = 0;                                                                                       \
+        ++row;                                                                                       \
+    }                                                                                                \
+    return nonfinite;                                                                                \
+}                                                                                                    \
+static int64_t nm_rank_##SUF##_##M(const T *w, uint8_t *out, T *wout, int64_t lane_begin,            \
+                                   int64_t lane_end, int64_t inner, int64_t n, T absmask, T expmask) { \
+    if (wout) return nm_rank_body_##SUF##_##M(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask, 1); \
+    return nm_rank_body_##SUF##_##M(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask, 0); \
+}
+
+#define NM_ENTRY(SUF, T, S)                                                                          \
+NM_RANK(T, S, 2, SUF)                                                                                \
+NM_RANK(T, S, 4, SUF)                                                                                \
+NM_RANK(T, S, 8, SUF)                                                                                \
+NM_RANK(T, S, 16, SUF)                                                                               \
+int64_t nm_mask_##SUF(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end,       \
+                      int64_t inner, int64_t n, int64_t m, T absmask, T expmask) {                   \
+    switch (m) {                                                                                     \
+    case 2: return nm_rank_##SUF##_2(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
+    case 4: return nm_rank_##SUF##_4(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
+    case 8: return nm_rank_##SUF##_8(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
+    case 16: return nm_rank_##SUF##_16(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
+    default: return nm_generic_##SUF(w, out, wout, lane_begin, lane_end, inner, n, m, absmask, expmask); \
+    }                                                                                                \
+}
+
+NM_ENTRY(u16, uint16_t, int16_t)
+NM_ENTRY(u32, uint32_t, int32_t)
+NM_ENTRY(u64, uint64_t, int64_t)
 
 #define NM_DECAY(NAME, F)                                                                           \
 void NAME(F *grad, const F *w, const uint8_t *mask, int64_t begin, int64_t end, F lam) {            \
