@@ -83,10 +83,14 @@ def test_all_model_configs_are_tested():
 @pytest.mark.parametrize("option", _options("trainer"))
 def test_trainer_configs(compose_cfg, tmp_path, option):
     cfg = compose_cfg(f"trainer={option}")
-    if cfg.trainer.accelerator == "gpu":  # composes; instantiating needs GPUs
-        assert cfg.trainer.devices >= 1
+    if cfg.trainer.accelerator == "gpu":  # composes to what the file says; instantiating needs GPUs
+        expected = {"gpu": (1, "auto"), "ddp": (2, "ddp")}[option]
+        assert (cfg.trainer.devices, cfg.trainer.get("strategy", "auto")) == expected
+        assert cfg.trainer.get("sync_batchnorm", False) == (option == "ddp")
         return
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = instantiate(cfg.trainer, logger=CSVLogger(tmp_path), enable_checkpointing=False)
     assert isinstance(trainer, pl.Trainer)
     if option == "ddp_sim":
         assert type(trainer.strategy).__name__ == "DDPStrategy" and trainer.strategy._start_method == "spawn"
