@@ -1,0 +1,155 @@
+"""Run by ``tests/test_fsdp2.py`` as a script: ``ModelParallelStrategy`` (FSDP2, gloo on CPU) relaunches this file
+once per extra rank (Lightning's subprocess launcher), which cannot happen inside pytest itself.
+
+    python tests/fsdp2_script.py OUT_DIR MODE DEVICES BATCH_SIZE
+
+MODE ``srste``: SR-STE + SparsityScheduler + export. With 2 devices it also runs the checkpoint checks: a fit that
+stops mid-epoch, saves (full file and sharded folder) and resumes must end bit-identical to a fit that never
+stopped. Every rank writes ``OUT_DIR/<run>_rank{r}_of_{devices}.pt`` with the gathered full state dict, masks and
+N:M; files of the callbacks go under ``OUT_DIR/<run>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_data  # noqa: E402
+
+from nm_lightning import SparsityScheduler, SRSTECallback, sparse_layers  # noqa: E402
+
+
+class ShardNet(pl.LightningModule):
+    """Layers built in ``__init__``; ``configure_model`` applies ``fully_shard`` per layer and on the root (when a
+    device mesh exists). ``fc2`` has 5 output rows: uneven shards of 3 and 2 rows."""
+
+    def __init__(self, batch_size: int, same_batches: bool = False) -> None:
+        super().__init__()
+        self.batch_size, self.same_batches = batch_size, same_batches
+        torch.manual_seed(1)
+        self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv1d(8, 16, 3, padding=1, bias=False)
+        self.fc1 = nn.Linear(16 * 16, 28)
+        self.fc2 = nn.Linear(28, 5)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def train_dataloader(self):
+        data = make_data()
+        if self.same_batches:  # every step sees the same samples: a resumed run cannot differ by data order
+            x, y = make_data(16)[:]
+            data = TensorDataset(x.repeat(4, 1, 1), y.repeat(4))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # rank r reads samples r, r + world, ...: two ranks x batch 8 see the same 16 samples as one x batch 16
+            return DataLoader(data, batch_size=self.batch_size, sampler=DistributedSampler(data, shuffle=False))
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False)
+
+
+def _callbacks(export: bool) -> list[pl.Callback]:
+    return [
+        SRSTECallback(
+            1, 4, decay=0.05, verbose=False,
+            export_dir="export" if export else None, export_formats=["dense", "packed"],
+        ),
+        SparsityScheduler(start=0, end=6, schedule="linear", decay_schedule="linear", plot=False),
+    ]  # fmt: skip
+
+
+def _fit(
+    out: Path,
+    run: str,
+    devices: int,
+    batch_size: int,
+    *,
+    same_batches: bool = False,
+    max_steps: int = -1,
+    max_epochs: int = 3,
+    ckpt: Path | None = None,
+    save: Path | None = None,
+    sharded: bool = False,
+) -> None:
+    pl.seed_everything(0, workers=True)
+    model = ShardNet(batch_size, same_batches=same_batches)
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded)
+        if devices > 1 else "auto"
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        default_root_dir=out / run, accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
+        max_steps=max_steps, callbacks=_callbacks(export=ckpt is None and save is None),
+        logger=CSVLogger(out / run, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, ckpt_path=ckpt, weights_only=True)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if devices > 1 else model.state_dict()
+    )  # fmt: skip
+    layers = sparse_layers(model)
+    record = {
+        "step": trainer.global_step,
+        "full": {k: v.detach().clone() for k, v in full.items() if isinstance(v, torch.Tensor)},
+        "masks": {k: v.sparsity.mask.clone() for k, v in layers.items()},
+        "nm": {k: (v.state.n, v.state.m, v.state.frozen) for k, v in layers.items()},
+        "shards": {
+            k: None if v.sparsity.shard is None else (v.sparsity.shard.start, v.sparsity.shard.stop)
+            for k, v in layers.items()
+        },  # fmt: skip
+    }
+    torch.save(record, out / f"{run}_rank{trainer.global_rank}_of_{devices}.pt")
+
+
+def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
+    if mode != "srste":
+        raise SystemExit(f"unknown mode {mode!r}")
+    _fit(out, "main", devices, batch_size)
+    if devices > 1:
+        same = {"same_batches": True, "max_epochs": 5}
+        _fit(out, "straight", devices, batch_size, max_steps=10, **same)
+        for sharded, name in ((False, "full.ckpt"), (True, "sharded.ckpt")):
+            path = out / name
+            _fit(out, f"stop_{name}", devices, batch_size, max_steps=6, save=path, sharded=sharded, **same)  # mid-epoch
+            _fit(out, f"resume_{name}", devices, batch_size, max_steps=10, ckpt=path, sharded=sharded, **same)
+    if torch.distributed.is_initialized():
+        # leave together: a rank exiting while the other still holds the gloo group can abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
