@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parameter import is_lazy
 
-from nm_lightning import distributed
+import nm_lightning.distributed as distributed
 from nm_lightning.export.artifacts import check_formats, export_artifacts
 from nm_lightning.masks import Layout, nm_mask
 from nm_lightning.report import print_layer_table, table_title

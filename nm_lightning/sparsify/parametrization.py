@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nm_lightning import distributed
+import nm_lightning.distributed as distributed
 from nm_lightning.masks import nm_mask
 from nm_lightning.sparsify.state_dict import accept_plain, check_mask
 from nm_lightning.srste import fixed_mask, ste_nm, tag_masked_weight
