@@ -139,7 +139,7 @@ def check_placements(state: NMLayerState, param: torch.Tensor) -> None:
                 raise ShardingError(
                     f"layer {state.name!r}: dim {dim} (the N:M group dim, size {shape[dim]}) is sharded over {size} "
                     f"ranks into slices of {slice_size}, not a multiple of m={state.m}: N:M groups would straddle "
-                    f"ranks; shard it so that every slice is a multiple of {state.m} (or use ColwiseParallel)"
+                    f"ranks; shard it so that every slice is a multiple of {state.m}"
                 )
             continue
         raise ShardingError(

@@ -134,9 +134,82 @@ def _fit(
     torch.save(record, out / f"{run}_rank{trainer.global_rank}_of_{devices}.pt")
 
 
+class TensorParallelNet(ShardNet):
+    """Tensor parallelism: ``fc1`` column-wise (output rows), ``fc2`` row-wise (its 28 inputs in slices of 14)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+        parallelize_module(self, self.device_mesh["tensor_parallel"], plan)
+
+
+def _rowwise_check(devices: int) -> str:
+    """The placement check on a row-wise sharded weight: fc2's 28 inputs in slices of 14, for m=4 and m=2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from nm_lightning.distributed import ShardingError, check_placements
+    from nm_lightning.state import NMLayerState
+
+    weight = distribute_tensor(torch.randn(5, 28), init_device_mesh("cpu", (devices,)), [Shard(1)])
+    messages = []
+    for m in (4, 2):
+        try:
+            check_placements(NMLayerState("fc2.weight", (5, 28), m=m, target_n=1, n=m), weight)
+            messages.append(f"rowwise_m{m}: no error")
+        except ShardingError as err:
+            messages.append(f"rowwise_m{m}: {err}")
+    return "\n".join(messages)
+
+
+class LateLayerNet(ShardNet):
+    """A selectable layer built in ``configure_model`` (after the N:M attach)."""
+
+    def configure_model(self) -> None:
+        self.head = nn.Linear(8, 4)  # N:M-able (8 inputs), never used in forward
+        super().configure_model()
+
+
+def _errors(out: Path, devices: int) -> None:
+    """Every rank records the error of each refused setup (one line per case)."""
+    messages = []
+    for name, model, strategy in (
+        (
+            "tensor_parallel",
+            TensorParallelNet(8),
+            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=devices),
+        ),
+        ("late_layer", LateLayerNet(8), ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)),
+    ):
+        trainer = pl.Trainer(
+            default_root_dir=out / name, accelerator="cpu", devices=devices, strategy=strategy, max_steps=1,
+            callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+        )  # fmt: skip
+        try:
+            trainer.fit(model)
+            messages.append(f"{name}: no error")
+        except Exception as err:  # noqa: BLE001 - the message is the result
+            messages.append(f"{name}: {type(err).__name__}: {err}")
+    messages.append(_rowwise_check(devices))
+    (out / f"errors_rank{trainer.global_rank}.txt").write_text("\n".join(messages) + "\n")
+
+
 def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
-    if mode != "srste":
+    if mode == "errors":
+        _errors(out, devices)
+    elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
+    else:
+        _srste(out, devices, batch_size)
+    if torch.distributed.is_initialized():
+        # leave together: a rank exiting while the other still holds the gloo group can abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _srste(out: Path, devices: int, batch_size: int) -> None:
     _fit(out, "main", devices, batch_size)
     if devices > 1:
         same = {"same_batches": True, "max_epochs": 5}
@@ -145,10 +218,6 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
             path = out / name
             _fit(out, f"stop_{name}", devices, batch_size, max_steps=6, save=path, sharded=sharded, **same)  # mid-epoch
             _fit(out, f"resume_{name}", devices, batch_size, max_steps=10, ckpt=path, sharded=sharded, **same)
-    if torch.distributed.is_initialized():
-        # leave together: a rank exiting while the other still holds the gloo group can abort at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

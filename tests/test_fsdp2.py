@@ -136,3 +136,17 @@ def test_flattening_strategies_are_refused_naming_the_alternative(base):
     with pytest.raises(MisconfigurationException, match=rf"does not support My{base} .*ModelParallelStrategy with "
                        "fully_shard"):  # fmt: skip
         SRSTECallback().setup(fake, TinyNet(), "fit")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_no_hang")
+def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
+    """Tensor parallelism is refused at setup; a layer built in configure_model (after the attach) is named; a
+    row-wise shard that splits N:M groups names the layer, the slice size and M."""
+    out = _script(tmp_path, "errors", 2, 8)
+    for rank in (0, 1):  # every rank fails the same way (no rank waits in a collective)
+        lines = (out / f"errors_rank{rank}.txt").read_text().splitlines()
+        assert "tensor-parallel mesh of size 2" in lines[0] and "tensor_parallel_size=1" in lines[0]
+        assert "layers ['head'] were built in configure_model" in lines[1]
+        assert lines[2].startswith("rowwise_m4: layer 'fc2'") and "slices of 14, not a multiple of m=4" in lines[2]
+        assert lines[3] == "rowwise_m2: no error"

@@ -67,6 +67,24 @@ def check_strategy(strategy: Strategy, who: str, model_parallel: bool = True) ->
         )
 
 
+def check_tensor_parallel(strategy: ModelParallelStrategy, who: str) -> None:
+    """Refuse a ``ModelParallelStrategy`` whose device mesh has a tensor-parallel dim larger than 1.
+
+    torch's parallel styles (``ColwiseParallel``, ``RowwiseParallel``) re-register a layer's parameters by name and
+    cannot shard a parametrized layer (its weight lives at ``parametrizations.weight.original``); N:M under
+    ``ModelParallelStrategy`` is FSDP2 only (``tensor_parallel_size=1``).
+    """
+    mesh = strategy.device_mesh
+    names = mesh.mesh_dim_names or ()
+    tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    if tp > 1:
+        raise MisconfigurationException(
+            f"{who} supports ModelParallelStrategy with FSDP2 only (data_parallel_size=world size, "
+            f"tensor_parallel_size=1); got a tensor-parallel mesh of size {tp}: parallelize_module cannot shard "
+            "N:M-parametrized layers"
+        )
+
+
 def is_model_parallel(strategy: Strategy) -> bool:
     """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallelism)."""
     return isinstance(strategy, ModelParallelStrategy)
@@ -157,6 +175,7 @@ class NMCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy, type(self).__name__, self.supports_model_parallel)
         if is_model_parallel(trainer.strategy):
+            check_tensor_parallel(trainer.strategy, type(self).__name__)
             # FSDP2: attach before fully_shard (configure_model), bind the shards right after it
             self._setup_now(trainer, pl_module, stage)
             # the checkpoint's state_dict has the plain keys; the N:M entries are loaded in on_load_checkpoint
@@ -195,7 +214,7 @@ class NMCallback(Callback):
             raise MisconfigurationException(
                 f"{type(self).__name__}: layers {late} were built in configure_model; under ModelParallelStrategy "
                 "N:M must be attached before fully_shard: build the layers in __init__ and only apply fully_shard "
-                "(and parallelize_module) in configure_model"
+                "in configure_model"
             )
         try:
             bind_shards(pl_module)
