@@ -150,3 +150,16 @@ def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
         assert "layers ['head'] were built in configure_model" in lines[1]
         assert lines[2].startswith("rowwise_m4: layer 'fc2'") and "slices of 14, not a multiple of m=4" in lines[2]
         assert lines[3] == "rowwise_m2: no error"
+
+
+def test_fsdp2_sim_trainer_config(compose_train):
+    """``trainer=fsdp2_sim``: two CPU processes under ModelParallelStrategy (FSDP2 only, no tensor parallelism)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    cfg = compose_train("trainer=fsdp2_sim")
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, ModelParallelStrategy) and trainer.num_devices == 2
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
+    assert strategy.process_group_backend is None or strategy.process_group_backend == "gloo"
