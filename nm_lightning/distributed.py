@@ -33,6 +33,7 @@ Pure torch (no Lightning); imports only :mod:`nm_lightning.masks` and :mod:`nm_l
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "local_view",
     "masked_straight_through",
     "row_shard",
+    "sum_over",
 ]
 
 
@@ -167,21 +169,32 @@ def local_rows(t: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
 
 
 def gather_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
-    """All-gather per-rank row blocks of a bool mask into the full mask (a collective over ``shard.group``).
+    """All-gather per-rank row blocks into the full tensor (a collective over ``shard.group``).
 
-    Each rank contributes its ``stop - start`` rows; blocks are padded to ``shard.chunk`` rows and sent as
-    ``uint8`` (1 byte per weight), so every backend (gloo included) can carry them.
+    Each rank contributes its ``stop - start`` rows; blocks are padded to ``shard.chunk`` rows. A bool mask is sent
+    as ``uint8`` (1 byte per weight), so every backend (gloo included) can carry it.
     """
-    if local.dtype != torch.bool or local.shape[0] != shard.stop - shard.start:
+    if local.shape[0] != shard.stop - shard.start:
         raise ValueError(
-            f"gather_rows needs this rank's {shard.stop - shard.start} rows as a bool tensor, got "
-            f"{local.dtype} {list(local.shape)}"
+            f"gather_rows needs this rank's {shard.stop - shard.start} rows, got a tensor of shape {list(local.shape)}"
         )
-    block = local.new_zeros((shard.chunk, *local.shape[1:]), dtype=torch.uint8)
+    wire = torch.uint8 if local.dtype == torch.bool else local.dtype
+    block = local.new_zeros((shard.chunk, *local.shape[1:]), dtype=wire)
     block[: local.shape[0]] = local
     out = block.new_empty((shard.chunk * shard.world, *local.shape[1:]))
     dist.all_gather_into_tensor(out, block, group=shard.group)
-    return out[: shard.rows].bool()
+    return out[: shard.rows].to(local.dtype)
+
+
+def sum_over(shard: RowShard) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function summing a tensor over the ranks of ``shard.group`` (a collective: every rank must call it)."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
+        return t
+
+    return reduce
 
 
 class _MaskedStraightThrough(torch.autograd.Function):

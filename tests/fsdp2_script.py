@@ -24,16 +24,16 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_data  # noqa: E402
 
-from nm_lightning import SparsityScheduler, SRSTECallback, sparse_layers  # noqa: E402
+from nm_lightning import DominoSearchCallback, SparsityScheduler, SRSTECallback, sparse_layers  # noqa: E402
 
 
 class ShardNet(pl.LightningModule):
     """Layers built in ``__init__``; ``configure_model`` applies ``fully_shard`` per layer and on the root (when a
     device mesh exists). ``fc2`` has 5 output rows: uneven shards of 3 and 2 rows."""
 
-    def __init__(self, batch_size: int, same_batches: bool = False) -> None:
+    def __init__(self, batch_size: int, same_batches: bool = False, lr: float = 0.1, momentum: float = 0.9) -> None:
         super().__init__()
-        self.batch_size, self.same_batches = batch_size, same_batches
+        self.batch_size, self.same_batches, self.lr, self.momentum = batch_size, same_batches, lr, momentum
         torch.manual_seed(1)
         self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
         self.conv2 = nn.Conv1d(8, 16, 3, padding=1, bias=False)
@@ -62,7 +62,7 @@ class ShardNet(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=1e-4)
 
     def train_dataloader(self):
         data = make_data()
@@ -75,7 +75,14 @@ class ShardNet(pl.LightningModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=False)
 
 
-def _callbacks(export: bool) -> list[pl.Callback]:
+def _callbacks(export: bool, domino: bool = False) -> list[pl.Callback]:
+    if domino:
+        return [
+            DominoSearchCallback(
+                target_sparsity=0.6, m=4, check_every=2, penalty_every=1, penalty=2.0, output="found.json",
+                plot=False, verbose=False,
+            )
+        ]  # fmt: skip
     return [
         SRSTECallback(
             1, 4, decay=0.05, verbose=False,
@@ -97,16 +104,18 @@ def _fit(
     ckpt: Path | None = None,
     save: Path | None = None,
     sharded: bool = False,
+    domino: bool = False,
 ) -> None:
     pl.seed_everything(0, workers=True)
-    model = ShardNet(batch_size, same_batches=same_batches)
+    opt = {"lr": 0.01, "momentum": 0.0} if domino else {}
+    model = ShardNet(batch_size, same_batches=same_batches, **opt)
     strategy = (
         ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded)
         if devices > 1 else "auto"
     )  # fmt: skip
     trainer = pl.Trainer(
         default_root_dir=out / run, accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
-        max_steps=max_steps, callbacks=_callbacks(export=ckpt is None and save is None),
+        max_steps=max_steps, callbacks=_callbacks(export=ckpt is None and save is None, domino=domino),
         logger=CSVLogger(out / run, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
         use_distributed_sampler=False,
@@ -199,6 +208,8 @@ def _errors(out: Path, devices: int) -> None:
 def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
     if mode == "errors":
         _errors(out, devices)
+    elif mode == "domino":
+        _fit(out, "main", devices, batch_size, max_epochs=30, domino=True, save=out / "domino.ckpt")
     elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
     else:

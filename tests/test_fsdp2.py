@@ -163,3 +163,32 @@ def test_fsdp2_sim_trainer_config(compose_train):
     assert isinstance(strategy, ModelParallelStrategy) and trainer.num_devices == 2
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
     assert strategy.process_group_backend is None or strategy.process_group_backend == "gloo"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_no_hang")
+def test_domino_search_under_fsdp2_decides_like_one_process(tmp_path):
+    """Each rank votes on its own rows; the vote counts are summed over the ranks, so both ranks take the decisions
+    of one process with the same global batch: same steps, same N per layer, same scheme file (written once)."""
+    one = _script(tmp_path, "domino", 1, 16)
+    two = _script(tmp_path, "domino", 2, 8)
+    single = torch.load(one / "main_rank0_of_1.pt", weights_only=True)
+    r0 = torch.load(two / "main_rank0_of_2.pt", weights_only=True)
+    r1 = torch.load(two / "main_rank1_of_2.pt", weights_only=True)
+    assert r0["step"] == r1["step"] == single["step"] < 120  # the target was met and fit stopped early
+    assert r0["nm"] == r1["nm"] == single["nm"] and any(n < m for n, m, _ in single["nm"].values())
+    for k in single["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k]) and torch.equal(r0["masks"][k], single["masks"][k]), k
+    for k, v in single["full"].items():
+        torch.testing.assert_close(r0["full"][k], v, rtol=0, atol=1e-5)
+    found = [(d / "main").rglob("found.json") for d in (two, one)]
+    texts = [[p.read_text() for p in f] for f in found]
+    assert len(texts[0]) == 1 and texts[0] == texts[1]
+    assert _files(two / "main") == _files(one / "main")
+    assert any(r.get("nm/domino/sparsity") for r in _rows(two / "main"))
+    # the callback state in a checkpoint holds every layer's full thresholds (gathered from the ranks' rows)
+    states = [torch.load(d / "domino.ckpt", weights_only=True)["callbacks"] for d in (two, one)]
+    (s2,), (s1,) = ([v for k, v in s.items() if k.startswith("DominoSearchCallback")] for s in states)
+    for name, layer in s1["search"]["layers"].items():
+        assert torch.equal(s2["search"]["layers"][name]["thresholds"], layer["thresholds"]), name
+    assert s1["search"]["layers"]["fc2"]["thresholds"].shape == (5, 7, 1, 1)
