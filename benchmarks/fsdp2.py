@@ -58,25 +58,28 @@ def _shard(model: nn.Sequential, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def _mask_times(args, mesh) -> tuple[float, float]:
-    """(median mask compute s, median mask all-gather s) per rank, summed over the layers."""
+def _mask_times(args, mesh) -> tuple[float, float, float]:
+    """Per rank, summed over the layers, medians: (mask compute CPU time, mask compute wall time, all-gather wall
+    time) in seconds. CPU time (``time.thread_time``, one torch thread per rank) is the work itself; wall time also
+    counts waiting for a core on a shared machine."""
     model = _mlp(args.width, args.layers)
     _shard(model, mesh)
     weights = [mod.weight for mod in model if isinstance(mod, nn.Linear)]
     shards = [row_shard(w) for w in weights]
     full = [w.full_tensor() for w in weights]  # the unsharded weight FSDP2 hands to the forward
-    compute, gather = [], []
+    cpu, compute, gather = [], [], []
     for _ in range(args.reps):
         dist.barrier()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         locals_ = [nm_mask(local_rows(w, s), 2, 4) for w, s in zip(full, shards, strict=True)]
-        t1 = time.perf_counter()
+        c1, t1 = time.thread_time(), time.perf_counter()
         for local, s in zip(locals_, shards, strict=True):
             gather_rows(local, s)
         t2 = time.perf_counter()
+        cpu.append(c1 - c0)
         compute.append(t1 - t0)
         gather.append(t2 - t1)
-    return statistics.median(compute), statistics.median(gather)
+    return statistics.median(cpu), statistics.median(compute), statistics.median(gather)
 
 
 def _step_times(args, mesh) -> dict[str, float]:
@@ -166,13 +169,16 @@ def main() -> None:
           f"{args.threads} thread(s) per rank; MLP {args.layers} x Linear({args.width}, {args.width}), 2:4, "
           f"{args.reps} reps (medians)")  # fmt: skip
     one, two = _run(1, args), _run(2, args)
-    c1, g1 = one[0]["mask"]
-    print("\nmask work per rank (all layers, one forward)")
-    print(f"  world 1: compute {c1 * 1e3:8.2f} ms   all-gather {g1 * 1e3:6.2f} ms")
+    cpu1, c1, g1 = one[0]["mask"]
+    print("\nmask work per rank (all layers, one forward; CPU = the rank's own work, wall = incl. waiting for a core)")
+    print(
+        f"  world 1:         compute CPU {cpu1 * 1e3:7.2f} ms  wall {c1 * 1e3:7.2f} ms   all-gather {g1 * 1e3:6.2f} ms"
+    )
     for rank in (0, 1):
-        c2, g2 = two[rank]["mask"]
-        print(f"  world 2, rank {rank}: compute {c2 * 1e3:8.2f} ms   all-gather {g2 * 1e3:6.2f} ms   "
-              f"compute ratio vs world 1: {c2 / c1:.2f} (1/world size = 0.50)")  # fmt: skip
+        cpu2, c2, g2 = two[rank]["mask"]
+        print(f"  world 2, rank {rank}: compute CPU {cpu2 * 1e3:7.2f} ms  wall {c2 * 1e3:7.2f} ms   all-gather "
+              f"{g2 * 1e3:6.2f} ms   CPU ratio vs world 1: {cpu2 / cpu1:.2f}, wall ratio {c2 / c1:.2f} "
+              "(1/world size = 0.50)")  # fmt: skip
     print("\nFSDP2 train step at world size 2 (median per rank)")
     for rank in (0, 1):
         st = two[rank]["step"]
