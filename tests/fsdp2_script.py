@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -105,6 +106,7 @@ def _fit(
     save: Path | None = None,
     sharded: bool = False,
     domino: bool = False,
+    checkpoint_at: int | None = None,
 ) -> None:
     pl.seed_everything(0, workers=True)
     opt = {"lr": 0.01, "momentum": 0.0} if domino else {}
@@ -115,9 +117,13 @@ def _fit(
     )  # fmt: skip
     trainer = pl.Trainer(
         default_root_dir=out / run, accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
-        max_steps=max_steps, callbacks=_callbacks(export=ckpt is None and save is None, domino=domino),
+        max_steps=max_steps, callbacks=_callbacks(export=ckpt is None and save is None, domino=domino) + (
+            [ModelCheckpoint(out / run, "at_{step}", every_n_train_steps=checkpoint_at, save_top_k=-1)]
+            if checkpoint_at else []
+        ),
         logger=CSVLogger(out / run, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, num_sanity_val_steps=0,
+        limit_val_batches=0,
         use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(model, ckpt_path=ckpt, weights_only=True)
@@ -210,6 +216,11 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
         _errors(out, devices)
     elif mode == "domino":
         _fit(out, "main", devices, batch_size, max_epochs=30, domino=True, save=out / "domino.ckpt")
+        if devices > 1:  # a sharded folder saved mid-epoch during the search: resuming from it ends the same
+            same = {"same_batches": True, "max_epochs": 5, "domino": True, "sharded": True}
+            _fit(out, "straight", devices, batch_size, max_steps=14, checkpoint_at=6, **same)
+            saved = out / "straight" / "at_step=6.ckpt"
+            _fit(out, "resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
     elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
     else:

@@ -192,3 +192,9 @@ def test_domino_search_under_fsdp2_decides_like_one_process(tmp_path):
     for name, layer in s1["search"]["layers"].items():
         assert torch.equal(s2["search"]["layers"][name]["thresholds"], layer["thresholds"]), name
     assert s1["search"]["layers"]["fc2"]["thresholds"].shape == (5, 7, 1, 1)
+    # resumed mid-search from a sharded folder (each rank takes its rows of the thresholds back): bit-identical
+    straight = torch.load(two / "straight_rank0_of_2.pt", weights_only=True)
+    resumed = torch.load(two / "resume_rank0_of_2.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 14 and resumed["nm"] == straight["nm"]
+    for k, v in straight["full"].items():
+        assert torch.equal(resumed["full"][k], v), k
