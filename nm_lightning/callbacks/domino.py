@@ -287,7 +287,11 @@ class DominoSearchCallback(NMCallback):
                         grad.add_(weight * mask, alpha=lam * search.layers[name].eta)
         if step % self.check_every == 0:
             weights = {k: distributed.local_view(v.original) for k, v in self.layers.items()}
-            changed = search.check(weights, self.layout, step, reduce=self._reduce())
+            reduce = self._reduce()
+            if reduce is None:
+                changed = search.check(weights, self.layout, step)
+            else:  # sharded rows: vote counts summed over the ranks
+                changed = search.check(weights, self.layout, step, reduce=reduce)
             for name in changed:
                 self.layers[name].state.set_n(search.layers[name].n_int)
             self.log_metrics(trainer, self.metrics(step))
