@@ -126,6 +126,36 @@ def test_srste_under_fsdp2_equals_one_process_and_resumes_bit_exact(tmp_path):
     assert meta["nm_lightning"]["sharded"] is True
 
 
+@pytest.mark.parametrize("rows, world", [(5, 2), (28, 2), (3, 4), (16, 3)])
+def test_row_shard_follows_torch_chunk(rows, world):
+    """FSDP2 shards dim 0 like ``torch.chunk`` (a trailing rank may hold fewer rows or none)."""
+    from nm_lightning.distributed import RowShard
+
+    chunks = torch.arange(rows).chunk(world)
+    for rank in range(world):
+        shard = RowShard(group=None, rank=rank, world=world, rows=rows)
+        expected = chunks[rank].tolist() if rank < len(chunks) else []
+        assert list(range(shard.start, shard.stop)) == expected
+
+
+def test_masked_straight_through_matches_the_unsharded_forward():
+    """The sharded forward's ``W ⊙ E`` is bit-identical to ``ste_nm`` (+0 where pruned) and its gradient passes
+    straight through; masks of row blocks equal the rows of the whole mask."""
+    from nm_lightning.distributed import RowShard, gather_rows, local_rows, masked_straight_through
+    from nm_lightning.srste import ste_nm
+
+    w = torch.randn(5, 16, requires_grad=True)
+    ref, mask = ste_nm(w, 2, 4)
+    blocks = [nm_mask(local_rows(w, RowShard(None, r, 2, 5)), 2, 4) for r in range(2)]
+    assert torch.equal(torch.cat(blocks), mask)
+    out = masked_straight_through(w, mask)
+    assert torch.equal(out, ref) and torch.equal(torch.signbit(out), torch.signbit(ref))
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    with pytest.raises(ValueError, match="this rank's 3 rows"):
+        gather_rows(mask, RowShard(None, 0, 2, 5))
+
+
 @pytest.mark.parametrize("base", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_flattening_strategies_are_refused_naming_the_alternative(base):
     """FSDP1 and DeepSpeed flatten parameters (groups straddle ranks): refused by type, naming FSDP2."""
