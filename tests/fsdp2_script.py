@@ -89,7 +89,7 @@ def _callbacks(export: bool, domino: bool = False) -> list[pl.Callback]:
             1, 4, decay=0.05, verbose=False,
             export_dir="export" if export else None, export_formats=["dense", "packed"],
         ),
-        SparsityScheduler(start=0, end=6, schedule="linear", decay_schedule="linear", plot=False),
+        SparsityScheduler(start=0, end=6, schedule="linear", decay_schedule="linear", freeze=9, plot=False),
     ]  # fmt: skip
 
 

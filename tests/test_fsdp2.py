@@ -76,7 +76,7 @@ def test_srste_under_fsdp2_equals_one_process_and_resumes_bit_exact(tmp_path):
     assert r0["shards"] == {"conv1": (0, 4), "conv2": (0, 8), "fc1": (0, 14), "fc2": (0, 3)}
     assert r1["shards"] == {"conv1": (4, 8), "conv2": (8, 16), "fc1": (14, 28), "fc2": (3, 5)}
     assert r0["step"] == single["step"] == 12 and r0["nm"] == r1["nm"] == single["nm"]
-    assert all(n == 1 for n, _, _ in single["nm"].values())
+    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())  # fixed from step 9 on
     for k in single["masks"]:
         assert torch.equal(r0["masks"][k], r1["masks"][k]) and torch.equal(r0["masks"][k], single["masks"][k]), k
     assert set(r0["full"]) == set(single["full"]) and not r1["full"]  # gathered on rank 0 only
