@@ -186,6 +186,25 @@ class LateLayerNet(ShardNet):
         super().configure_model()
 
 
+def _other_configuration(out: Path, devices: int) -> str:
+    """A sharded folder written with SR-STE 1:4, resumed with 2:4: refused, naming the layer and both N:M."""
+    path = out / "one_of_four.ckpt"
+    for n, ckpt in ((1, None), (2, path)):
+        trainer = pl.Trainer(
+            default_root_dir=out / "other", accelerator="cpu", devices=devices, max_steps=2,
+            strategy=ModelParallelStrategy(devices, 1, save_distributed_checkpoint=True),
+            callbacks=[SRSTECallback(n, 4, verbose=False)], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+        )  # fmt: skip
+        try:
+            trainer.fit(ShardNet(8), ckpt_path=ckpt, weights_only=True)
+        except RuntimeError as err:
+            return f"other_configuration: {err}"
+        if ckpt is None:
+            trainer.save_checkpoint(path)
+    return "other_configuration: no error"
+
+
 def _errors(out: Path, devices: int) -> None:
     """Every rank records the error of each refused setup (one line per case)."""
     messages = []
@@ -208,6 +227,7 @@ def _errors(out: Path, devices: int) -> None:
         except Exception as err:  # noqa: BLE001 - the message is the result
             messages.append(f"{name}: {type(err).__name__}: {err}")
     messages.append(_rowwise_check(devices))
+    messages.append(_other_configuration(out, devices))
     (out / f"errors_rank{trainer.global_rank}.txt").write_text("\n".join(messages) + "\n")
 
 

@@ -172,7 +172,8 @@ def test_flattening_strategies_are_refused_naming_the_alternative(base):
 @pytest.mark.usefixtures("_no_hang")
 def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
     """Tensor parallelism is refused at setup; a layer built in configure_model (after the attach) is named; a
-    row-wise shard that splits N:M groups names the layer, the slice size and M."""
+    row-wise shard that splits N:M groups names the layer, the slice size and M; a sharded folder written with
+    another N:M configuration is refused on resume."""
     out = _script(tmp_path, "errors", 2, 8)
     for rank in (0, 1):  # every rank fails the same way (no rank waits in a collective)
         lines = (out / f"errors_rank{rank}.txt").read_text().splitlines()
@@ -180,6 +181,9 @@ def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
         assert "layers ['head'] were built in configure_model" in lines[1]
         assert lines[2].startswith("rowwise_m4: layer 'fc2'") and "slices of 14, not a multiple of m=4" in lines[2]
         assert lines[3] == "rowwise_m2: no error"
+        # a sharded folder written with 1:4, resumed with 2:4 (the folder's states are checked after loading)
+        assert lines[4].startswith("other_configuration: SRSTECallback: the checkpoint's N:M state does not match: ")
+        assert "conv1: 1:4 in the checkpoint, 2:4 here" in lines[4]
 
 
 def test_fsdp2_sim_trainer_config(compose_train):

@@ -3,6 +3,7 @@ exact and validated resume, the fit-start table, logging; FSDP2 through ``ModelP
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,7 @@ class NMCallback(Callback):
         self.layers = {}
         self._model_params = 0
         self._plan_args: dict[str, Any] = {}
+        self._requested: dict[str, Any] = {}
         self._show_table = False
         self._title = "N:M sparsity"
 
@@ -220,6 +222,8 @@ class NMCallback(Callback):
             bind_shards(pl_module)
         except distributed.ShardingError as err:
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
+        # the configuration a sharded-folder resume is checked against (the folder's states replace these on load)
+        self._requested = {layer.fqn: dataclasses.replace(layer.state) for layer in self.layers.values()}
 
     def _planned(self, name: str) -> bool:
         return any(p.name == name for p in self.plans)
@@ -363,7 +367,10 @@ class NMCallback(Callback):
         if not isinstance(entry, Mapping) or entry.get("version") != 1 or not isinstance(entry.get("state"), Mapping):
             raise ValueError(f"{name}: unsupported nm_lightning checkpoint entry (version {_version(entry)!r})")
         if entry.get("sharded"):
-            return  # a sharded folder: the strategy restored the module's own keys (N:M state included) already
+            # a sharded folder: the strategy restored the module's own keys (N:M states included) already
+            loaded = {layer.fqn: layer.state for layer in self.layers.values()}
+            self._check_resume_matches(pl_module, loaded, requested=self._requested)
+            return
         self._check_resume_matches(pl_module, saved_states(entry["state"]))
         keys = [k for layer in self.layers.values() for k in nm_keys(layer.fqn)[1:]]
         missing = sorted({layer.name for layer in self.layers.values() for k in nm_keys(layer.fqn)[1:]
@@ -390,12 +397,15 @@ class NMCallback(Callback):
                 shard = distributed.row_shard(original)
                 distributed.local_view(original).copy_(distributed.local_rows(saved[keys.original], shard))
 
-    def _check_resume_matches(self, pl_module: pl.LightningModule, saved: Mapping[str, Any]) -> None:
+    def _check_resume_matches(
+        self, pl_module: pl.LightningModule, saved: Mapping[str, Any], requested: Mapping[str, Any] | None = None
+    ) -> None:
         """Refuse, naming layer and values, a checkpoint written with another N:M configuration.
 
         Loading it would silently switch layers to the checkpoint's N:M (or fail deep inside with a shape
         error); to start a new run from its weights, load them as plain weights instead. The current N may
-        differ (a schedule or a search moves it); the target, M, layout and mode may not.
+        differ (a schedule or a search moves it); the target, M, layout and mode may not. ``requested`` holds the
+        configured states when the layers' own states were replaced by the checkpoint's already (a sharded folder).
         """
         name = type(self).__name__
         hint = (
@@ -408,7 +418,7 @@ class NMCallback(Callback):
             raise RuntimeError(f"{name}: the checkpoint has N:M state for {dense_here}, which are dense here; {hint}")
         problems = []
         for layer in self.layers.values():
-            old, now = saved.get(layer.fqn), layer.state
+            old, now = saved.get(layer.fqn), (requested or {}).get(layer.fqn, layer.state)
             if old is None:
                 continue  # reported as missing state
             if (old.m, old.layout, old.input_dim) != (now.m, now.layout, now.input_dim):
