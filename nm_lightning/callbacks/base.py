@@ -4,12 +4,10 @@ exact and validated resume, the fit-start table, logging; FSDP2 through ``ModelP
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
@@ -20,8 +18,14 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parameter import is_lazy
 
 import nm_lightning.distributed as distributed
-from nm_lightning.export.artifacts import check_formats, export_artifacts
-from nm_lightning.masks import Layout, nm_mask
+from nm_lightning.callbacks.model_parallel import (
+    check_tensor_parallel,
+    export_gathered,
+    is_model_parallel,
+    load_full_into_shards,
+    sharded_plain_weights,
+)
+from nm_lightning.masks import Layout
 from nm_lightning.report import print_layer_table, table_title
 from nm_lightning.sparsify import (
     LayerPlan,
@@ -36,7 +40,7 @@ from nm_lightning.sparsify import (
     sparse_layers,
     split_state_dict,
 )
-from nm_lightning.sparsify.state_dict import check_mask, nm_keys
+from nm_lightning.sparsify.state_dict import nm_keys
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -68,29 +72,6 @@ def check_strategy(strategy: Strategy, who: str, model_parallel: bool = True) ->
         )
 
 
-def check_tensor_parallel(strategy: ModelParallelStrategy, who: str) -> None:
-    """Refuse a ``ModelParallelStrategy`` whose device mesh has a tensor-parallel dim larger than 1.
-
-    torch's parallel styles (``ColwiseParallel``, ``RowwiseParallel``) re-register a layer's parameters by name and
-    cannot shard a parametrized layer (its weight lives at ``parametrizations.weight.original``); N:M under
-    ``ModelParallelStrategy`` is FSDP2 only (``tensor_parallel_size=1``).
-    """
-    mesh = strategy.device_mesh
-    names = mesh.mesh_dim_names or ()
-    tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
-    if tp > 1:
-        raise MisconfigurationException(
-            f"{who} supports ModelParallelStrategy with FSDP2 only (data_parallel_size=world size, "
-            f"tensor_parallel_size=1); got a tensor-parallel mesh of size {tp}: parallelize_module cannot shard "
-            "N:M-parametrized layers"
-        )
-
-
-def is_model_parallel(strategy: Strategy) -> bool:
-    """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2 / tensor parallelism)."""
-    return isinstance(strategy, ModelParallelStrategy)
-
-
 def log_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
     """Straight to the Trainer's loggers (allowed in every hook, unlike ``pl_module.log``).
 
@@ -99,36 +80,6 @@ def log_metrics(trainer: pl.Trainer, values: Mapping[str, float]) -> None:
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics(dict(values), step=trainer.global_step)
-
-
-def export_gathered(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, out_dir: Path, formats: Sequence[str]
-) -> dict[str, Any] | None:
-    """Write the export files once (rank 0); call it on every rank from ``on_fit_end``.
-
-    Under ``ModelParallelStrategy`` the full state dict is gathered first (``get_model_state_dict`` with
-    ``full_state_dict=True, cpu_offload=True``: a collective; the full tensors land on rank 0's CPU only), then
-    rank 0 writes the same files as a single-process run; elsewhere :func:`~nm_lightning.export_artifacts`.
-    Returns the metadata on rank 0, ``None`` on the other ranks.
-    """
-    if not is_model_parallel(trainer.strategy):
-        return export_artifacts(trainer, pl_module, out_dir, formats)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    formats = check_formats(formats)
-    full = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return export_artifacts(trainer, _FullState(full), out_dir, formats)
-
-
-class _FullState(torch.nn.Module):
-    """A gathered state dict seen as a module (what :func:`~nm_lightning.export.write_artifacts` reads)."""
-
-    def __init__(self, state: Mapping[str, Any]) -> None:
-        super().__init__()
-        self._state = dict(state)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        return dict(self._state)
 
 
 def selection_args(owner: str, include: Any, exclude: Any, include_types: Any, exclude_types: Any) -> dict[str, Any]:
@@ -320,37 +271,12 @@ class NMCallback(Callback):
         sd = checkpoint["state_dict"]
         entry = checkpoint.setdefault(CHECKPOINT_KEY, {"version": 1, "state": {}})
         if any(distributed.is_dtensor(v) for v in sd.values()):
-            sd.update(self._sharded_plain_weights(sd))
+            sd.update(sharded_plain_weights(self.layers.values(), sd))
             entry["sharded"] = True
             return
         plain, nm_entries = split_state_dict(sd)
         checkpoint["state_dict"] = plain
         entry["state"].update(nm_entries)
-
-    def _sharded_plain_weights(self, sd: Mapping[str, Any]) -> dict[str, Any]:
-        """The plain keys with the masked weights, computed on each rank's rows (no communication)."""
-        from torch.distributed.tensor import DTensor
-
-        out: dict[str, Any] = {}
-        for layer in self.layers.values():
-            keys = nm_keys(layer.fqn)
-            original = sd.get(keys.original)
-            if not distributed.is_dtensor(original):
-                continue
-            state = layer.state
-            local = original.to_local()
-            shard = distributed.row_shard(original)
-            mask = (
-                distributed.local_rows(sd[keys.mask], shard).to(local.device)
-                if state.frozen
-                else nm_mask(local, state.n, state.m, state.layout)
-            )
-            masked = torch.where(mask, local, local.new_zeros(()))
-            out[layer.fqn] = DTensor.from_local(
-                masked, original.device_mesh, original.placements, run_check=False,
-                shape=original.shape, stride=original.stride(),
-            )  # fmt: skip
-        return out
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -380,22 +306,9 @@ class NMCallback(Callback):
                 f"{name}: the checkpoint lacks N:M state for {missing}; was it written with the same layers sparsified?"
             )
         if is_model_parallel(trainer.strategy):
-            self._load_full_into_shards(entry["state"])
+            load_full_into_shards(self.layers.values(), entry["state"])
         else:
             pl_module.load_state_dict({k: entry["state"][k] for k in keys}, strict=False)
-
-    def _load_full_into_shards(self, saved: Mapping[str, Any]) -> None:
-        """Load full-file N:M entries into (possibly FSDP2-sharded) layers: each rank copies its own rows."""
-        with torch.no_grad():
-            for layer in self.layers.values():
-                keys = nm_keys(layer.fqn)
-                layer.sparsity.set_extra_state(saved[keys.extra])
-                mask = saved[keys.mask]
-                check_mask(mask, layer.state)
-                layer.sparsity.mask.copy_(mask)
-                original = layer.original
-                shard = distributed.row_shard(original)
-                distributed.local_view(original).copy_(distributed.local_rows(saved[keys.original], shard))
 
     def _check_resume_matches(
         self, pl_module: pl.LightningModule, saved: Mapping[str, Any], requested: Mapping[str, Any] | None = None
