@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nm_lightning.sparsify.parametrization import get_param
+
 __all__ = ["measure_macs", "scheme_stats"]
 
 
@@ -80,7 +82,10 @@ def measure_macs(model: nn.Module, example_input: Any, names: list[str]) -> dict
     for name in names:
         module_name, param = _split(name, model)
         module = modules.get(module_name)
-        weight = getattr(module, param, None) if module is not None else None
+        # the stored parameter (its global shape under FSDP2): reading the parametrized weight would run the mask
+        weight = None if module is None else get_param(module, param)
+        if weight is None and module is not None:
+            weight = getattr(module, param, None)
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"no layer named {name!r} in the model")
         parent = modules.get(module_name.rpartition(".")[0]) if module_name else None

@@ -36,6 +36,7 @@ __all__ = [
     "registered_params",
     "known_types",
     "input_major",
+    "module_type",
 ]
 
 _HF_CONV1D_MODULE = "transformers.pytorch_utils"
@@ -134,12 +135,35 @@ def _ensure_lazy() -> None:
             _ensure_lazy_locked()
 
 
+def module_type(module: nn.Module) -> type:
+    """The user's class of ``module``: the class under the ones ``torch.nn.utils.parametrize`` (``Parametrized<X>``)
+    and FSDP2's ``fully_shard`` (``FSDP<X>``, bases ``(FSDPModule, X)``) generate, in whichever order they wrap."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        FSDPModule = None  # noqa: N806
+    for _ in range(2):
+        bases = cls.__bases__
+        if FSDPModule is not None and len(bases) == 2 and bases[0] is FSDPModule:
+            cls = bases[1]
+        elif (
+            parametrize.is_parametrized(module)
+            and len(bases) == 1
+            and cls.__name__ == f"Parametrized{bases[0].__name__}"
+        ):
+            cls = bases[0]
+        else:
+            break
+    return cls
+
+
 def _entry(module_or_cls: nn.Module | type) -> LayerType | None:
     _ensure_lazy()
     if isinstance(module_or_cls, type):
         cls = module_or_cls
     elif isinstance(module_or_cls, nn.Module):
-        cls = parametrize.type_before_parametrizations(module_or_cls)
+        cls = module_type(module_or_cls)
     else:
         raise TypeError(f"expected an nn.Module or a class, got {module_or_cls!r} ({type(module_or_cls).__name__})")
     for base in cls.__mro__:

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.nn.utils import parametrize
 
+from nm_lightning.layers import module_type
 from nm_lightning.masks import validate_nm
 
 __all__ = ["NMScheme", "MAX_SCHEME_BYTES", "MAX_YAML_BYTES", "MAX_SCHEME_DEPTH", "MAX_LAYER_NAME", "EXPORT_FORMAT"]
@@ -468,7 +468,7 @@ def _domino_names(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     out: dict[str, tuple[str, nn.Module]] = {}
     convs = linears = 0
     for name, module in model.named_modules():
-        cls = parametrize.type_before_parametrizations(module)
+        cls = module_type(module)
         if issubclass(cls, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             key = f"SparseConv{convs}_{module.in_channels}-{module.out_channels}-{tuple(module.kernel_size)}"
             convs += 1

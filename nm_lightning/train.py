@@ -33,7 +33,8 @@ from rich.table import Table
 from torch import nn
 
 from nm_lightning.callbacks.last_checkpoint import LastCheckpoint
-from nm_lightning.export.artifacts import FILE_NAMES, FORMATS, METADATA, check_formats, export_artifacts
+from nm_lightning.callbacks.model_parallel import export_gathered
+from nm_lightning.export.artifacts import FILE_NAMES, FORMATS, METADATA, check_formats
 from nm_lightning.masks import nm_mask
 from nm_lightning.scheme import NMScheme
 from nm_lightning.sparsify import sparse_layers
@@ -97,8 +98,9 @@ def _metrics(trainer: pl.Trainer, prefixes: tuple[str, ...] | None = None) -> di
 
 
 class ExportCallback(Callback):
-    """Write the export through :func:`nm_lightning.export.export_artifacts` at the end of ``test`` (or of
-    ``fit`` when not testing): global rank 0 writes, every rank waits at barriers around it.
+    """Write the export through :func:`nm_lightning.export.export_artifacts` at the end of ``test`` (or of ``fit``
+    when not testing): global rank 0 writes, every rank waits at barriers around it; under
+    ``ModelParallelStrategy`` (FSDP2) the full weights are gathered to rank 0 first.
 
     The LightningModule itself is exported, so layer names (``net.features.3``) and the keys of
     ``model_dense.pt`` (``net.features.3.weight``) are those of the sparsity callback and of the module:
@@ -124,7 +126,8 @@ class ExportCallback(Callback):
             "metrics": _metrics(trainer, ("test", "val")),
             "total_params": sum(p.numel() for p in pl_module.parameters()), **self.extra,
         }  # fmt: skip
-        self.meta = export_artifacts(trainer, pl_module, self.out_dir, self.formats, extra=extra)
+        # under ModelParallelStrategy (FSDP2) the full weights are gathered to rank 0 first
+        self.meta = export_gathered(trainer, pl_module, self.out_dir, self.formats, extra=extra)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "test":

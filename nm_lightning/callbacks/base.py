@@ -1,8 +1,9 @@
 """What every N:M callback shares: attaching (in ``setup``, or after ``configure_model``), plain-key checkpoints,
-exact and validated resume, the fit-start table, logging."""
+exact and validated resume, the fit-start table, logging; FSDP2 through ``ModelParallelStrategy``."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parameter import is_lazy
 
+import nm_lightning.distributed as distributed
+from nm_lightning.callbacks.model_parallel import (
+    check_tensor_parallel,
+    export_gathered,
+    is_model_parallel,
+    load_full_into_shards,
+    sharded_plain_weights,
+)
 from nm_lightning.masks import Layout
 from nm_lightning.report import print_layer_table, table_title
 from nm_lightning.sparsify import (
@@ -23,6 +32,7 @@ from nm_lightning.sparsify import (
     SparseLayer,
     as_patterns,
     attach,
+    bind_shards,
     detach,
     materialize_lazy,
     plan_layers,
@@ -32,19 +42,33 @@ from nm_lightning.sparsify import (
 )
 from nm_lightning.sparsify.state_dict import nm_keys
 
-__all__ = ["CHECKPOINT_KEY", "NMCallback", "check_strategy", "log_metrics", "selection_args"]
+__all__ = [
+    "CHECKPOINT_KEY",
+    "NMCallback",
+    "check_strategy",
+    "export_gathered",
+    "is_model_parallel",
+    "log_metrics",
+    "selection_args",
+]
 
 CHECKPOINT_KEY = "nm_lightning"
-# strategies that shard or flatten parameters: an N:M group would straddle shards
-_SHARDED: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+# strategies that flatten parameters into shards: an N:M group would straddle ranks
+_FLATTENING: tuple[type[Strategy], ...] = (FSDPStrategy, DeepSpeedStrategy)
 
 
-def check_strategy(strategy: Strategy, who: str) -> None:
-    """Refuse (by type, subclasses included) the strategies whose sharded parameters hide whole N:M groups."""
-    if isinstance(strategy, _SHARDED):
+def check_strategy(strategy: Strategy, who: str, model_parallel: bool = True) -> None:
+    """Refuse (by type, subclasses included) the strategies whose flattened shards split N:M groups across ranks
+    (FSDP1 and DeepSpeed ZeRO), and ``ModelParallelStrategy`` when ``model_parallel`` is false."""
+    if isinstance(strategy, _FLATTENING):
         raise MisconfigurationException(
-            f"{who} does not support {type(strategy).__name__} yet (sharded parameters hide whole N:M groups); "
-            "use 'ddp', 'ddp_spawn' or a single device"
+            f"{who} does not support {type(strategy).__name__} (it flattens parameters into shards in which N:M "
+            "groups straddle ranks); use ModelParallelStrategy with fully_shard applied per layer in "
+            "configure_model (FSDP2: rows are sharded, groups stay whole), 'ddp', 'ddp_spawn' or a single device"
+        )
+    if isinstance(strategy, ModelParallelStrategy) and not model_parallel:
+        raise MisconfigurationException(
+            f"{who} does not support {type(strategy).__name__} yet; use 'ddp', 'ddp_spawn' or a single device"
         )
 
 
@@ -74,16 +98,26 @@ class NMCallback(Callback):
     Lightning calls the callbacks' ``setup`` before the module's ``configure_model``, so for a module that
     overrides ``configure_model`` (layers built there) attaching waits until right after it: before the
     strategy wraps the module, the optimizers are built and a checkpoint is restored.
+
+    Under ``ModelParallelStrategy`` (FSDP2) the layers are attached in ``setup``, *before* ``configure_model``
+    applies ``fully_shard`` (FSDP2 then shards the parametrization's ``original`` and hands the parametrization
+    the unsharded weight in each forward); right after ``configure_model`` each layer is bound to its row shard
+    (:func:`nm_lightning.sparsify.parametrization.bind_shards`). A selectable layer that only appears in
+    ``configure_model`` is an error there.
     """
 
     plans: list[LayerPlan]
     layers: dict[str, SparseLayer]
+    #: whether the callback supports ``ModelParallelStrategy`` (FSDP2)
+    supports_model_parallel: bool = True
 
     def __init__(self) -> None:
         super().__init__()
         self.plans = []
         self.layers = {}
         self._model_params = 0
+        self._plan_args: dict[str, Any] = {}
+        self._requested: dict[str, Any] = {}
         self._show_table = False
         self._title = "N:M sparsity"
 
@@ -92,14 +126,23 @@ class NMCallback(Callback):
         return self.state_key
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer.strategy, type(self).__name__)
-        if is_overridden("configure_model", pl_module):
-            self._attach_after_configure_model(trainer, pl_module, stage)  # its layers may not exist yet
+        check_strategy(trainer.strategy, type(self).__name__, self.supports_model_parallel)
+        if is_model_parallel(trainer.strategy):
+            check_tensor_parallel(trainer.strategy, type(self).__name__)
+            # FSDP2: attach before fully_shard (configure_model), bind the shards right after it
+            self._setup_now(trainer, pl_module, stage)
+            # the checkpoint's state_dict has the plain keys; the N:M entries are loaded in on_load_checkpoint
+            pl_module.strict_loading = False
+            self._after_configure_model(pl_module, lambda: self._bind_shards(trainer, pl_module, stage))
+        elif is_overridden("configure_model", pl_module):
+            # its layers may not exist yet
+            self._after_configure_model(pl_module, lambda: self._setup_now(trainer, pl_module, stage))
         else:
             self._setup_now(trainer, pl_module, stage)
 
-    def _attach_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Run the attach right after the module's ``configure_model`` and before the strategy wraps the module.
+    @staticmethod
+    def _after_configure_model(pl_module: pl.LightningModule, then: Any) -> None:
+        """Run ``then()`` right after the module's ``configure_model`` and before the strategy wraps the module.
 
         Registering a parametrization resets the Parameter's gradient accumulator (``set_``), so attaching after
         DDP has wrapped the module would silently disconnect DDP's gradient all-reduce from those weights.
@@ -110,9 +153,31 @@ class NMCallback(Callback):
         def configure_model() -> None:
             pl_module.__dict__.pop("configure_model", None)
             inner()
-            self._setup_now(trainer, pl_module, stage)
+            then()
 
         pl_module.configure_model = configure_model  # type: ignore[method-assign]
+
+    def _bind_shards(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After ``configure_model`` under ``ModelParallelStrategy``: refuse layers built there, bind row shards."""
+        late = [
+            p.name for p in plan_layers(pl_module, owner=self.owner, **self._plan_args)
+            if p.status == "covered" and p.name not in self.layers and not self._planned(p.name)
+        ]  # fmt: skip
+        if late:
+            raise MisconfigurationException(
+                f"{type(self).__name__}: layers {late} were built in configure_model; under ModelParallelStrategy "
+                "N:M must be attached before fully_shard: build the layers in __init__ and only apply fully_shard "
+                "in configure_model"
+            )
+        try:
+            bind_shards(pl_module)
+        except distributed.ShardingError as err:
+            raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
+        # the configuration a sharded-folder resume is checked against (the folder's states replace these on load)
+        self._requested = {layer.fqn: dataclasses.replace(layer.state) for layer in self.layers.values()}
+
+    def _planned(self, name: str) -> bool:
+        return any(p.name == name for p in self.plans)
 
     def setup_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Plan and attach this callback's layers (called once the model is complete)."""
@@ -148,6 +213,7 @@ class NMCallback(Callback):
         starts dense), so its title says what the run really starts with.
         """
         name = type(self).__name__
+        self._plan_args = {"n": n, "m": m, "layout": layout, "scheme": scheme, **selection}
         self.plans = plan_layers(pl_module, n, m, layout, scheme=scheme, owner=self.owner, **selection)
         skipped = [p for p in self.plans if p.status == "skipped"]
         if skipped and strict:
@@ -156,10 +222,15 @@ class NMCallback(Callback):
         self.layers = attach(pl_module, self.plans, owner=self.owner, straight_through=straight_through)
         if not self.layers:
             why = "; ".join(f"{p.name} ({p.type_name}): {p.reason}" for p in self.plans) or "the model has no weights"
+            where = (
+                " (under ModelParallelStrategy N:M is attached in setup, before configure_model: build the layers "
+                "in __init__ and only apply fully_shard in configure_model)"
+                if is_model_parallel(trainer.strategy) else ""
+            )  # fmt: skip
             raise MisconfigurationException(
                 f"{name} found no layer to sparsify ({len(skipped)} skipped, "
                 f"{sum(p.status == 'excluded' for p in self.plans)} excluded): {why[:2000]}; "
-                "check include/exclude/include_types/scheme"
+                f"check include/exclude/include_types/scheme{where}"
             )
         for p in skipped:
             rank_zero_warn(f"{name}: {p.name} ({p.type_name} {p.shape}) stays dense: {p.reason}")
@@ -191,10 +262,20 @@ class NMCallback(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Keep the plain model's keys (masked weights) in ``state_dict``; the exact N:M state goes aside."""
-        plain, nm_entries = split_state_dict(checkpoint["state_dict"])
-        checkpoint["state_dict"] = plain
+        """Keep the plain model's keys (masked weights) in ``state_dict``; the exact N:M state goes aside.
+
+        A sharded state dict (``ModelParallelStrategy(save_distributed_checkpoint=True)``: ``DTensor`` values, saved
+        by torch.distributed.checkpoint as a folder) keeps the module's own keys, which the folder must hold for the
+        strategy to restore the model, and gains the plain keys with the masked weights (as ``DTensor`` s).
+        """
+        sd = checkpoint["state_dict"]
         entry = checkpoint.setdefault(CHECKPOINT_KEY, {"version": 1, "state": {}})
+        if any(distributed.is_dtensor(v) for v in sd.values()):
+            sd.update(sharded_plain_weights(self.layers.values(), sd))
+            entry["sharded"] = True
+            return
+        plain, nm_entries = split_state_dict(sd)
+        checkpoint["state_dict"] = plain
         entry["state"].update(nm_entries)
 
     def on_load_checkpoint(
@@ -211,6 +292,11 @@ class NMCallback(Callback):
             return
         if not isinstance(entry, Mapping) or entry.get("version") != 1 or not isinstance(entry.get("state"), Mapping):
             raise ValueError(f"{name}: unsupported nm_lightning checkpoint entry (version {_version(entry)!r})")
+        if entry.get("sharded"):
+            # a sharded folder: the strategy restored the module's own keys (N:M states included) already
+            loaded = {layer.fqn: layer.state for layer in self.layers.values()}
+            self._check_resume_matches(pl_module, loaded, requested=self._requested)
+            return
         self._check_resume_matches(pl_module, saved_states(entry["state"]))
         keys = [k for layer in self.layers.values() for k in nm_keys(layer.fqn)[1:]]
         missing = sorted({layer.name for layer in self.layers.values() for k in nm_keys(layer.fqn)[1:]
@@ -219,14 +305,20 @@ class NMCallback(Callback):
             raise RuntimeError(
                 f"{name}: the checkpoint lacks N:M state for {missing}; was it written with the same layers sparsified?"
             )
-        pl_module.load_state_dict({k: entry["state"][k] for k in keys}, strict=False)
+        if is_model_parallel(trainer.strategy):
+            load_full_into_shards(self.layers.values(), entry["state"])
+        else:
+            pl_module.load_state_dict({k: entry["state"][k] for k in keys}, strict=False)
 
-    def _check_resume_matches(self, pl_module: pl.LightningModule, saved: Mapping[str, Any]) -> None:
+    def _check_resume_matches(
+        self, pl_module: pl.LightningModule, saved: Mapping[str, Any], requested: Mapping[str, Any] | None = None
+    ) -> None:
         """Refuse, naming layer and values, a checkpoint written with another N:M configuration.
 
         Loading it would silently switch layers to the checkpoint's N:M (or fail deep inside with a shape
         error); to start a new run from its weights, load them as plain weights instead. The current N may
-        differ (a schedule or a search moves it); the target, M, layout and mode may not.
+        differ (a schedule or a search moves it); the target, M, layout and mode may not. ``requested`` holds the
+        configured states when the layers' own states were replaced by the checkpoint's already (a sharded folder).
         """
         name = type(self).__name__
         hint = (
@@ -239,7 +331,7 @@ class NMCallback(Callback):
             raise RuntimeError(f"{name}: the checkpoint has N:M state for {dense_here}, which are dense here; {hint}")
         problems = []
         for layer in self.layers.values():
-            old, now = saved.get(layer.fqn), layer.state
+            old, now = saved.get(layer.fqn), (requested or {}).get(layer.fqn, layer.state)
             if old is None:
                 continue  # reported as missing state
             if (old.m, old.layout, old.input_dim) != (now.m, now.layout, now.input_dim):

@@ -11,8 +11,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+import nm_lightning.distributed as distributed
 from nm_lightning.accounting import measure_macs
-from nm_lightning.callbacks.base import NMCallback, selection_args
+from nm_lightning.callbacks.base import NMCallback, is_model_parallel, selection_args
 from nm_lightning.report import print_scheme_table, save_scheme_figure
 from nm_lightning.scheme import NMScheme
 from nm_lightning.search.domino import DominoLayer, DominoSearch, checks_needed, group_thresholds, powers_of_two
@@ -46,6 +47,10 @@ class DominoSearchCallback(NMCallback):
 
     The penalty is added once per optimizer step on the unscaled, averaged gradient (not ×world size, not
     per micro-batch). Checks count optimizer steps (the reference counts batches within an epoch).
+
+    Under FSDP2 (``ModelParallelStrategy``) every rank keeps the thresholds of its own rows, votes on them and
+    the vote counts are summed over the ranks, so every rank takes the same decisions as one process would;
+    the callback's ``state_dict`` gathers the thresholds (a collective: Lightning calls it on every rank).
 
     Args:
         target_sparsity: model-size target, fraction of the covered weights removed (e.g. 0.8).
@@ -161,12 +166,36 @@ class DominoSearchCallback(NMCallback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         assert self.search is not None or not self._initialized
-        return {
-            "version": 1,
-            "initialized": self._initialized,
-            "finished": self._finished,
-            "search": self.search.state_dict() if self._initialized and self.search is not None else None,
-        }
+        search = self.search.state_dict() if self._initialized and self.search is not None else None
+        if search is not None:
+            for name, entry in search["layers"].items():
+                entry["thresholds"] = self._full_thresholds(name, entry["thresholds"])
+        return {"version": 1, "initialized": self._initialized, "finished": self._finished, "search": search}
+
+    def _thresholds_shape(self, name: str) -> tuple[int, ...]:
+        from nm_lightning.masks import group_view
+
+        state = self.layers[name].state
+        gv = group_view(state.shape, state.layout)
+        return (gv.outer, gv.length // state.m, 1, gv.inner)
+
+    def _full_thresholds(self, name: str, local: torch.Tensor | None) -> torch.Tensor | None:
+        """A sharded layer's thresholds gathered from every rank's rows (a collective), else unchanged."""
+        shard = self.layers[name].sparsity.shard if name in self.layers else None
+        if shard is None or local is None:
+            return local
+        rows = distributed.gather_rows(local.reshape(shard.stop - shard.start, -1), shard)
+        return rows.reshape(self._thresholds_shape(name))
+
+    def _local_thresholds(self, name: str, full: torch.Tensor | None) -> torch.Tensor | None:
+        shard = self.layers[name].sparsity.shard if name in self.layers else None
+        if shard is None or full is None:
+            return full
+        rows = full.reshape(shard.rows, -1)[shard.start : shard.stop]
+        outer, groups, _, inner = self._thresholds_shape(name)
+        if outer == shard.rows:  # input-channel layout: a row is an outer index
+            return rows.reshape(shard.stop - shard.start, groups, 1, inner).clone()
+        return rows.reshape(1, -1, 1, 1).clone()  # flat layout: a row's groups are consecutive
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != 1:
@@ -176,6 +205,8 @@ class DominoSearchCallback(NMCallback):
         if state_dict["search"] is not None:
             assert self.search is not None, "setup runs before the callback state is restored"
             self.search.load_state_dict(state_dict["search"])
+            for name, layer in self.search.layers.items():
+                layer.thresholds = self._local_thresholds(name, layer.thresholds)
 
     # ------------------------------------------------------------------ search
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
@@ -194,12 +225,23 @@ class DominoSearchCallback(NMCallback):
         for name, layer in self.layers.items():
             state = self.search.layers[name]
             state.macs = macs[name]
-            state.thresholds = group_thresholds(layer.original, self.m, self.layout, layer.state.input_dim)
+            # this rank's rows under FSDP2 (the whole weight otherwise)
+            state.thresholds = group_thresholds(
+                distributed.local_view(layer.original), self.m, self.layout, layer.state.input_dim
+            )
         self.search.init_erk({k: tuple(v.original.shape) for k, v in self.layers.items()})
         self._initialized = True
         if self.save_dense:
             path = self._path(trainer, suffix=".dense.pt")
-            rank_zero_only(torch.save)(plain_state_dict(pl_module), path)
+            if is_model_parallel(trainer.strategy):  # gather (every rank), rank 0 writes
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                full = get_model_state_dict(pl_module, options=options)
+                if trainer.is_global_zero:
+                    torch.save(plain_state_dict(full), path)
+            else:
+                rank_zero_only(torch.save)(plain_state_dict(pl_module), path)
             rank_zero_info(f"DominoSearchCallback: dense starting weights saved to {path}")
 
     def lam(self, step: int) -> float:
@@ -245,15 +287,30 @@ class DominoSearchCallback(NMCallback):
                 for name, layer in self.layers.items():
                     w = layer.original
                     if w.grad is not None and search.layers[name].eta != 0.0:
-                        # a bool-mask multiply: several times faster than torch.where on CPU
-                        w.grad.add_(w * layer.sparsity.mask, alpha=lam * search.layers[name].eta)
+                        # a bool-mask multiply: several times faster than torch.where on CPU; local rows under FSDP2
+                        grad, weight, mask = distributed.decay_operands(w.grad, w, layer.sparsity.mask)
+                        grad.add_(weight * mask, alpha=lam * search.layers[name].eta)
         if step % self.check_every == 0:
-            changed = search.check({k: v.original for k, v in self.layers.items()}, self.layout, step)
+            weights = {k: distributed.local_view(v.original) for k, v in self.layers.items()}
+            reduce = self._reduce()
+            if reduce is None:
+                changed = search.check(weights, self.layout, step)
+            else:  # sharded rows: vote counts summed over the ranks
+                changed = search.check(weights, self.layout, step, reduce=reduce)
             for name in changed:
                 self.layers[name].state.set_n(search.layers[name].n_int)
             self.log_metrics(trainer, self.metrics(step))
             if search.done:
                 self._finish(trainer, pl_module, reached=True)
+
+    def _reduce(self) -> Any:
+        """The vote-count reduction over the ranks holding the layers' rows (``None`` when nothing is sharded)."""
+        shards = {layer.sparsity.shard for layer in self.layers.values()}
+        if shards == {None}:
+            return None
+        if None in shards or len({(s.group, s.world) for s in shards if s is not None}) != 1:
+            raise RuntimeError("DominoSearchCallback: all searched layers must be sharded over one process group")
+        return distributed.sum_over(next(s for s in shards if s is not None))
 
     def metrics(self, step: int) -> dict[str, float]:
         """Search progress at optimizer step ``step`` (logged at every check)."""

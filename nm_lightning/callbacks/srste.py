@@ -11,9 +11,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from nm_lightning.callbacks.base import NMCallback, selection_args
+from nm_lightning.callbacks.base import NMCallback, export_gathered, selection_args
 from nm_lightning.callbacks.calibration import one_shot_at_fit_start
-from nm_lightning.export.artifacts import FORMATS, check_formats, export_artifacts
+from nm_lightning.distributed import decay_operands, local_rows, local_view
+from nm_lightning.export.artifacts import FORMATS, check_formats
 from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import mask_flips, nonzero_count
 from nm_lightning.oneshot import METHODS as ONE_SHOT_METHODS
@@ -261,7 +262,7 @@ class SRSTECallback(NMCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_dir is None:
             return
-        export_artifacts(trainer, pl_module, self._export_path(trainer), self.export_formats or FORMATS)
+        export_gathered(trainer, pl_module, self._export_path(trainer), self.export_formats or FORMATS)
 
     # ------------------------------------------------------------------ mask freeze
     def freeze(self, trainer: pl.Trainer | None = None) -> None:
@@ -326,7 +327,7 @@ class SRSTECallback(NMCallback):
             w = layer.original
             if layer.state.frozen or w.grad is None or id(w) not in in_opt:
                 continue
-            add_decay_(w.grad, w, layer.sparsity.mask, self.decay * layer.state.decay_scale)
+            add_decay_(*decay_operands(w.grad, w, layer.sparsity.mask), self.decay * layer.state.decay_scale)
 
     def _leave_saved_hooks(self) -> None:
         if self._saved_hooks is not None:
@@ -354,7 +355,8 @@ class SRSTECallback(NMCallback):
         with torch.no_grad():
             for layer in self.layers.values():
                 if layer.sparsity.frozen:  # whatever the optimizer did, pruned weights stay exactly zero
-                    layer.original.masked_fill_(~layer.sparsity.mask, 0)
+                    mask = local_rows(layer.sparsity.mask, layer.sparsity.shard)
+                    local_view(layer.original).masked_fill_(~mask, 0)
         if self._first_masks is None:
             self._first_masks = {k: v.sparsity.mask.detach().cpu().clone() for k, v in self.layers.items()}
         every = max(1, trainer.log_every_n_steps)
@@ -375,7 +377,10 @@ class SRSTECallback(NMCallback):
         flips = {"flip_rate": 0, "flip_rate_since_start": 0}
         for name, layer in self.layers.items():
             mask = layer.sparsity.mask.detach().cpu()
-            layer_nnz, numel = nonzero_count(layer.original.detach().cpu(), mask), mask.numel()
+            # a sharded weight's other rows live on other ranks: count the kept entries of the replicated mask
+            sharded = layer.sparsity.shard is not None
+            layer_nnz = int(mask.sum()) if sharded else nonzero_count(layer.original.detach().cpu(), mask)
+            numel = mask.numel()
             nnz, total = nnz + layer_nnz, total + numel
             if self.log_layers:
                 out[f"nm/layer/{name}/sparsity"] = 1.0 - layer_nnz / numel

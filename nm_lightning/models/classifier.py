@@ -76,6 +76,29 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2_sim``): ``fully_shard`` every conv and linear
+        layer, then the whole module, on the data-parallel mesh (FSDP2). N:M callbacks attach in ``setup``,
+        before this runs, as FSDP2 needs. A no-op under every other strategy."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self, FSDPModule):  # already sharded (configure_model may run more than once)
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "Classifier shards with FSDP2 only: set ModelParallelStrategy(tensor_parallel_size=1), "
+                f"got a tensor-parallel mesh of size {mesh['tensor_parallel'].size()}"
+            )
+        dp = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for module in self.net.modules():
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                fully_shard(module, mesh=dp)
+        fully_shard(self, mesh=dp)
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dm_classes = getattr(dm, "num_classes", None)

@@ -14,7 +14,7 @@ decisions. No Lightning in this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,13 +79,20 @@ def vote(
     layout: Layout,
     vote_ratio: float,
     input_dim: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[bool, float]:
     """Whether the layer votes to lower its intermediate N, and the fraction of groups voting for it.
 
     A group votes when fewer than ``n_int`` of its weights (masked ones included) exceed its threshold.
+    ``reduce`` sums ``[voting groups, groups]`` (float64) over the ranks that each hold some of the layer's rows
+    (FSDP2 shards), so every rank takes the decision of the whole layer.
     """
     above = (_groups(weight, m, layout, input_dim).float() > thresholds).sum(dim=2)
-    q = float((above < n_int).float().mean())
+    if reduce is None:
+        q = float((above < n_int).float().mean())
+    else:
+        counts = reduce(torch.tensor([float((above < n_int).sum()), float(above.numel())], dtype=torch.float64))
+        q = float(counts[0] / counts[1]) if counts[1] > 0 else 0.0
     return q >= vote_ratio, q
 
 
@@ -243,10 +250,18 @@ class DominoSearch:
     def reached(self) -> bool:
         return self.progress() >= self.target - self.tolerance
 
-    def check(self, weights: Mapping[str, torch.Tensor], layout: Layout, step: int) -> list[str]:
+    def check(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        layout: Layout,
+        step: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[str]:
         """One vote round over all layers in order; returns the layers whose intermediate N changed.
 
-        After each commit η is recomputed and the target tested; the round stops as soon as it is met.
+        After each commit η is recomputed and the target tested; the round stops as soon as it is met. With
+        sharded layers, ``weights`` and the thresholds hold this rank's rows and ``reduce`` sums the vote counts
+        over the ranks (see :func:`vote`).
         """
         changed = []
         for name, layer in self.layers.items():
@@ -254,7 +269,7 @@ class DominoSearch:
                 continue
             assert layer.thresholds is not None, "thresholds are initialized at the start of the search"
             lower, _ = vote(
-                weights[name], layer.thresholds, layer.n_int, layer.m, layout, self.vote_ratio, layer.input_dim
+                weights[name], layer.thresholds, layer.n_int, layer.m, layout, self.vote_ratio, layer.input_dim, reduce
             )
             if lower and layer.n_int > 1:
                 layer.n_int -= 1

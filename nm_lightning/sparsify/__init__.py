@@ -9,6 +9,7 @@
 from nm_lightning.sparsify.parametrization import (
     NMSparsity,
     SparseLayer,
+    bind_shards,
     detach,
     freeze_layers,
     nm_state,
@@ -37,6 +38,7 @@ __all__ = [
     "SparseLayer",
     "as_patterns",
     "attach",
+    "bind_shards",
     "detach",
     "freeze_layers",
     "load_plain_weights",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+import nm_lightning.distributed as distributed
 from nm_lightning.masks import nm_mask
 from nm_lightning.sparsify.state_dict import accept_plain, check_mask
 from nm_lightning.srste import fixed_mask, ste_nm, tag_masked_weight
@@ -28,6 +29,7 @@ __all__ = [
     "NMSparsity",
     "SparseLayer",
     "attach_state",
+    "bind_shards",
     "detach",
     "freeze_layers",
     "get_param",
@@ -52,6 +54,8 @@ class NMSparsity(nn.Module):
         self.state = state
         self.register_buffer("mask", torch.ones(state.shape, dtype=torch.bool))
         self.mask: torch.Tensor
+        # set by bind_shards once FSDP2 shards the weight's rows: the forward then masks the local rows only
+        self.shard: distributed.RowShard | None = None
 
     # read-only views of the state (the state is the one owner)
     n = property(lambda self: self.state.n, doc="current N (``state.n``)")
@@ -65,8 +69,15 @@ class NMSparsity(nn.Module):
         return f"{s.n}:{s.m}, layout={s.layout!r}, frozen={s.frozen}, straight_through={s.straight_through}"
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
-        """The N:M mask of ``weight`` at the current N (ignores the stored mask)."""
+        """The N:M mask of ``weight`` at the current N (ignores the stored mask).
+
+        ``weight`` may be the FSDP2-sharded ``original`` (a ``DTensor``): then every rank computes its own rows and
+        the mask is all-gathered, so every rank must call it (a collective).
+        """
         s = self.state
+        if self.shard is not None and distributed.is_dtensor(weight):
+            local = nm_mask(distributed.local_view(weight), s.n, s.m, s.layout, input_dim=s.input_dim)
+            return distributed.gather_rows(local, self.shard)
         return nm_mask(weight, s.n, s.m, s.layout, input_dim=s.input_dim)
 
     def current_mask(self, weight: torch.Tensor) -> torch.Tensor:
@@ -75,6 +86,13 @@ class NMSparsity(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         s = self.state
+        if self.shard is not None:
+            return self._sharded_forward(weight)
+        if distributed.is_dtensor(weight):
+            raise distributed.ShardingError(
+                f"layer {s.name!r}: the N:M parametrization received a sharded weight that is not bound to its "
+                "shards; under FSDP2 attach N:M before fully_shard and call bind_shards(model) after it"
+            )
         if s.frozen:  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly in backward
             out, mask = fixed_mask(weight, self.mask), self.mask
         elif s.straight_through:
@@ -89,12 +107,32 @@ class NMSparsity(nn.Module):
             self.mask.copy_(mask)
         return out
 
+    def _sharded_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The forward under FSDP2: ``weight`` is the unsharded weight; only this rank's rows are masked here."""
+        s, shard = self.state, self.shard
+        assert shard is not None
+        if s.frozen:
+            mask = self.mask
+            out = fixed_mask(weight, mask)
+        else:
+            mask, _ = distributed.sharded_mask(weight, s, shard)
+            out = distributed.masked_straight_through(weight, mask) if s.straight_through else fixed_mask(weight, mask)
+        if (s.frozen or s.straight_through) and not torch.compiler.is_compiling():
+            tag_masked_weight(out, weight, mask)
+        if self.training and not s.frozen:
+            self.mask.copy_(mask)
+        return out
+
     @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> torch.Tensor:
-        """Fix the mask to the current one and zero the pruned entries of ``weight`` in place."""
+        """Fix the mask to the current one and zero the pruned entries of ``weight`` in place.
+
+        Under FSDP2 (``weight`` the sharded ``original``) every rank must call it (the mask is all-gathered).
+        """
         if not self.state.frozen:
             self.mask.copy_(self.compute_mask(weight))
-            weight.masked_fill_(~self.mask, 0)
+            local, mask = distributed.local_view(weight), distributed.local_rows(self.mask, self.shard)
+            local.masked_fill_(~mask, 0)
             self.state.frozen = True
         return self.mask
 
@@ -113,6 +151,8 @@ class NMSparsity(nn.Module):
         return self.state.to_dict()
 
     def set_extra_state(self, state: Any) -> None:
+        if _is_dcp_placeholder(state):
+            return  # torch.distributed.checkpoint loading a state dict without this entry: keep the current state
         loaded = NMLayerState.from_dict(self.state.fqn, state, shape=tuple(self.mask.shape))
         for key in ("m", "target_n", "n", "layout", "input_dim", "frozen", "straight_through"):
             setattr(self.state, key, getattr(loaded, key))
@@ -120,6 +160,13 @@ class NMSparsity(nn.Module):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         check_mask(self.mask, self.state)  # a checkpoint is input: refuse a mask that does not fit the state
+
+
+def _is_dcp_placeholder(value: Any) -> bool:
+    """torch.distributed.checkpoint's ``set_model_state_dict`` passes an ``_EXTRA_STATE`` placeholder to every
+    ``set_extra_state`` whose key the loaded dict lacks (e.g. Lightning loading a full file into FSDP2 shards)."""
+    cls = type(value)
+    return cls.__name__ == "_EXTRA_STATE" and cls.__module__ == "torch.distributed.checkpoint.state_dict"
 
 
 @dataclass
@@ -218,10 +265,11 @@ def freeze_layers(layers: Iterable[SparseLayer], optimizers: Iterable[torch.opti
         if layer.sparsity.frozen:
             continue
         mask = layer.sparsity.freeze(layer.original)
+        local_mask = distributed.local_rows(mask, layer.sparsity.shard)
         for opt in optimizers:
             for value in opt.state.get(layer.original, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    value.masked_fill_(~mask, 0)
+                    distributed.local_view(value).masked_fill_(~local_mask, 0)
 
 
 def detach(model: nn.Module, owner: str | None = None) -> list[str]:
@@ -234,3 +282,30 @@ def detach(model: nn.Module, owner: str | None = None) -> list[str]:
         parametrize.remove_parametrizations(layer.module, layer.param_name, leave_parametrized=True)
         names.append(name)
     return names
+
+
+def bind_shards(model: nn.Module) -> dict[str, distributed.RowShard | None]:
+    """After ``fully_shard``: give every N:M parametrization the :class:`~nm_lightning.distributed.RowShard` of its
+    weight, so its forward masks only this rank's rows; returns them by layer name (``None``: not sharded).
+
+    Raises :class:`~nm_lightning.distributed.ShardingError` naming the layer when a weight is sharded so that N:M
+    groups would straddle ranks, or sharded by tensor parallelism alone (only the setup check is supported there).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_managed = {name for name, mod in model.named_modules() if isinstance(mod, FSDPModule)}
+    out: dict[str, distributed.RowShard | None] = {}
+    for name, layer in sparse_layers(model).items():
+        weight = layer.original
+        distributed.check_placements(layer.state, weight)
+        shard = distributed.row_shard(weight)
+        path = layer.module_name.split(".") if layer.module_name else []
+        ancestors = {".".join(path[:i]) for i in range(len(path) + 1)}
+        if distributed.is_dtensor(weight) and (shard is None or not ancestors & fsdp_managed):
+            raise distributed.ShardingError(
+                f"layer {name!r}: weight sharded with placements {tuple(weight.placements)} outside FSDP2; N:M "
+                "training supports FSDP2 (fully_shard, rows sharded on a 1-D data-parallel mesh) only"
+            )
+        layer.sparsity.shard = shard
+        out[name] = shard
+    return out

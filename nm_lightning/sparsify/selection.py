@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from nm_lightning.layers import input_dim_of, known_types, registered_params
+from nm_lightning.layers import input_dim_of, known_types, module_type, registered_params
 from nm_lightning.masks import Layout, check_nm, validate_nm
 from nm_lightning.sparsify.parametrization import SparseLayer, attach_state, get_param, our_parametrization
 from nm_lightning.state import NMLayerState, fqn_of, layer_name
@@ -167,7 +167,7 @@ def plan_layers(
     plans: list[LayerPlan] = []
     used_scheme_keys: set[str] = set()
     for module_name, module in model.named_modules():
-        cls = parametrize.type_before_parametrizations(module)
+        cls = module_type(module)
         if isinstance(module, parametrize.ParametrizationList) or module_name.endswith(".parametrizations"):
             continue
         candidates = _weight_params(module, cls) if issubclass(cls, inc_types) else []

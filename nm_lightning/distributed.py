@@ -1,0 +1,244 @@
+"""What sharded training needs: N:M masks computed on local row shards, and the local views of sharded tensors.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``, Lightning's ``ModelParallelStrategy``) shards every parameter
+along dim 0 (output rows) with ``torch.chunk`` semantics: rank ``r`` of ``w`` ranks holds rows
+``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / w)`` (a trailing rank may hold fewer rows, or none). Every
+N:M group runs along the input dimension of one row (the ``input_channel`` layout; in the ``flat`` layout when
+a row's size is a multiple of M), so a rank holds whole groups and computes their mask with no communication.
+
+The contract with the N:M parametrization (:class:`~nm_lightning.sparsify.NMSparsity`):
+
+* the N:M parametrization is attached *before* ``fully_shard`` (FSDP2 then shards
+  ``parametrizations.<param>.original`` like any other parameter and hands the parametrization the unsharded
+  weight inside its forward; attached after, the parametrization would read the sharded ``DTensor``);
+* :func:`bind_shards`, called once after ``fully_shard``, gives each such parametrization its
+  :class:`RowShard`;
+* in each forward the parametrization computes the mask of the local rows only (the mask work per rank scales
+  with 1/world size) and all-gathers the bool mask (1 byte per weight, a quarter of the float32 gather FSDP2
+  already does for the weight); no weight is gathered beyond FSDP2's own gather;
+* the recorded ``mask`` buffer stays a plain, replicated bool tensor of the full shape: identical on every
+  rank, so metrics and flip rates read it on rank 0 alone, and checkpoints carry it as is.
+
+Gradients and weights outside the forward are ``DTensor`` s with placement ``Shard(0)``: :func:`local_view`
+and :func:`local_rows` give the plain local tensors for element-wise work such as the SR-STE decay
+(:func:`decay_operands`).
+
+Tensor parallelism (``parallelize_module``): ``ColwiseParallel`` shards the output dim (whole groups per
+rank); ``RowwiseParallel`` shards the input dim, which is only valid when every rank's slice of the input is a
+multiple of M (:func:`check_placements` says which layer, slice size and M otherwise).
+
+Pure torch (no Lightning); imports only :mod:`nm_lightning.masks` and :mod:`nm_lightning.state`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nm_lightning.masks import nm_mask
+from nm_lightning.state import NMLayerState
+
+__all__ = [
+    "RowShard",
+    "ShardingError",
+    "check_placements",
+    "decay_operands",
+    "gather_rows",
+    "is_dtensor",
+    "local_rows",
+    "local_view",
+    "masked_straight_through",
+    "row_shard",
+    "sum_over",
+]
+
+
+class ShardingError(ValueError):
+    """A sharded N:M layer whose groups would straddle ranks, or a placement this module cannot mask."""
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor:
+    """The plain local tensor of a ``DTensor`` (the rank's shard, a view: writes reach the parameter); any
+    other tensor unchanged."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This rank's rows of a weight sharded along dim 0 with ``torch.chunk`` semantics.
+
+    Attributes:
+        group: the process group the rows are sharded over (FSDP2's data-parallel group).
+        rank: this rank's index in ``group``.
+        world: the size of ``group``.
+        rows: the full size of dim 0.
+    """
+
+    group: Any
+    rank: int
+    world: int
+    rows: int
+
+    @property
+    def chunk(self) -> int:
+        """Rows per rank before the last (``ceil(rows / world)``): the padded shard size."""
+        return math.ceil(self.rows / self.world)
+
+    @property
+    def start(self) -> int:
+        return min(self.rows, self.rank * self.chunk)
+
+    @property
+    def stop(self) -> int:
+        return min(self.rows, (self.rank + 1) * self.chunk)
+
+
+def check_placements(state: NMLayerState, param: torch.Tensor) -> None:
+    """Check that a (possibly sharded) weight keeps whole N:M groups on every rank; raise :class:`ShardingError`
+    naming the layer, the shard size and M otherwise.
+
+    Allowed: ``Shard(0)`` (FSDP2, ``ColwiseParallel``) when each row holds whole groups; ``Shard(d)`` along the
+    group dimension (``RowwiseParallel`` shards a Linear's input dim) when every rank's slice is a multiple of M;
+    ``Replicate``. Anything else (another dim, ``Partial``) is refused.
+    """
+    if not is_dtensor(param):
+        return
+    from torch.distributed.tensor import Replicate, Shard
+
+    shape = tuple(param.shape)
+    group_dim = state.input_dim if state.layout == "input_channel" else None
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Replicate):
+            continue
+        size = param.device_mesh.size(mesh_dim)
+        if not isinstance(placement, Shard):
+            raise ShardingError(f"layer {state.name!r}: placement {placement} is not supported for N:M sparsity")
+        dim = placement.dim % len(shape)
+        if dim == 0 and group_dim != 0:
+            if state.layout == "flat" and math.prod(shape[1:]) % state.m:
+                raise ShardingError(
+                    f"layer {state.name!r}: sharding rows of {list(shape)} would split flat groups of m={state.m} "
+                    f"(a row has {math.prod(shape[1:])} elements); use layout='input_channel'"
+                )
+            continue
+        if dim == group_dim:
+            slice_size = math.ceil(shape[dim] / size)
+            if shape[dim] % size or slice_size % state.m:
+                raise ShardingError(
+                    f"layer {state.name!r}: dim {dim} (the N:M group dim, size {shape[dim]}) is sharded over {size} "
+                    f"ranks into slices of {slice_size}, not a multiple of m={state.m}: N:M groups would straddle "
+                    f"ranks; shard it so that every slice is a multiple of {state.m}"
+                )
+            continue
+        raise ShardingError(
+            f"layer {state.name!r}: dim {dim} of {list(shape)} is sharded ({placement}); N:M supports sharding "
+            f"dim 0 (FSDP2, ColwiseParallel) or the group dim {group_dim} in multiples of m={state.m}"
+        )
+
+
+def row_shard(param: torch.Tensor) -> RowShard | None:
+    """The :class:`RowShard` of a parameter that FSDP2 shards along dim 0 on a 1-D mesh, else ``None``."""
+    if not is_dtensor(param):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(param.placements)
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        return None
+    mesh = param.device_mesh
+    return RowShard(group=mesh.get_group(), rank=mesh.get_local_rank(), world=mesh.size(), rows=param.shape[0])
+
+
+def local_rows(t: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a full-shape tensor (a view), or ``t`` itself when unsharded."""
+    return t if shard is None else t[shard.start : shard.stop]
+
+
+def gather_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """All-gather per-rank row blocks into the full tensor (a collective over ``shard.group``).
+
+    Each rank contributes its ``stop - start`` rows; blocks are padded to ``shard.chunk`` rows. A bool mask is sent
+    as ``uint8`` (1 byte per weight), so every backend (gloo included) can carry it.
+    """
+    if local.shape[0] != shard.stop - shard.start:
+        raise ValueError(
+            f"gather_rows needs this rank's {shard.stop - shard.start} rows, got a tensor of shape {list(local.shape)}"
+        )
+    wire = torch.uint8 if local.dtype == torch.bool else local.dtype
+    block = local.new_zeros((shard.chunk, *local.shape[1:]), dtype=wire)
+    block[: local.shape[0]] = local
+    out = block.new_empty((shard.chunk * shard.world, *local.shape[1:]))
+    dist.all_gather_into_tensor(out, block, group=shard.group)
+    return out[: shard.rows].to(local.dtype)
+
+
+def sum_over(shard: RowShard) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function summing a tensor over the ranks of ``shard.group`` (a collective: every rank must call it)."""
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
+        return t
+
+    return reduce
+
+
+class _MaskedStraightThrough(torch.autograd.Function):
+    """Forward ``W ⊙ E`` (+0 where pruned, as :func:`nm_lightning.srste.ste_nm`); backward passes the gradient to
+    all of ``W``."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.where(mask, weight, weight.new_zeros(()))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def masked_straight_through(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight ⊙ mask`` with a straight-through gradient (the SR-STE/STE rule for a given mask)."""
+    return _MaskedStraightThrough.apply(weight, mask)
+
+
+def sharded_mask(weight: torch.Tensor, state: NMLayerState, shard: RowShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(full mask, local rows of it)`` for the unsharded ``weight`` FSDP2 hands to the forward: this rank
+    computes the N:M mask of its own rows only, then the bool mask is all-gathered."""
+    if is_dtensor(weight):
+        raise ShardingError(
+            f"layer {state.name!r}: the N:M parametrization received a sharded DTensor weight; attach N:M before "
+            "fully_shard (the callbacks do so in setup) and read the weight inside the FSDP2 forward"
+        )
+    local = nm_mask(local_rows(weight, shard), state.n, state.m, state.layout, input_dim=state.input_dim)
+    return gather_rows(local, shard), local
+
+
+def decay_operands(
+    grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The plain local ``(grad, weight, mask)`` for element-wise work on a possibly sharded weight (the SR-STE
+    decay :func:`nm_lightning.srste.add_decay_`, the DominoSearch penalty).
+
+    ``grad`` and ``weight`` are FSDP2 ``DTensor`` s (``Shard(0)``) or plain tensors; ``mask`` is the full-shape
+    replicated mask. In place updates of the returned ``grad`` reach the real gradient.
+    """
+    shard = row_shard(weight)
+    return local_view(grad), local_view(weight), local_rows(mask, shard)

@@ -1,0 +1,266 @@
+"""Run by ``tests/test_fsdp2.py`` as a script: ``ModelParallelStrategy`` (FSDP2, gloo on CPU) relaunches this file
+once per extra rank (Lightning's subprocess launcher), which cannot happen inside pytest itself.
+
+    python tests/fsdp2_script.py OUT_DIR MODE DEVICES BATCH_SIZE
+
+MODE ``srste``: SR-STE + SparsityScheduler + export. With 2 devices it also runs the checkpoint checks: a fit that
+stops mid-epoch, saves (full file and sharded folder) and resumes must end bit-identical to a fit that never
+stopped. Every rank writes ``OUT_DIR/<run>_rank{r}_of_{devices}.pt`` with the gathered full state dict, masks and
+N:M; files of the callbacks go under ``OUT_DIR/<run>``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_data  # noqa: E402
+
+from nm_lightning import DominoSearchCallback, SparsityScheduler, SRSTECallback, sparse_layers  # noqa: E402
+
+
+class ShardNet(pl.LightningModule):
+    """Layers built in ``__init__``; ``configure_model`` applies ``fully_shard`` per layer and on the root (when a
+    device mesh exists). ``fc2`` has 5 output rows: uneven shards of 3 and 2 rows."""
+
+    def __init__(self, batch_size: int, same_batches: bool = False, lr: float = 0.1, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.batch_size, self.same_batches, self.lr, self.momentum = batch_size, same_batches, lr, momentum
+        torch.manual_seed(1)
+        self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv1d(8, 16, 3, padding=1, bias=False)
+        self.fc1 = nn.Linear(16 * 16, 28)
+        self.fc2 = nn.Linear(28, 5)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=1e-4)
+
+    def train_dataloader(self):
+        data = make_data()
+        if self.same_batches:  # every step sees the same samples: a resumed run cannot differ by data order
+            x, y = make_data(16)[:]
+            data = TensorDataset(x.repeat(4, 1, 1), y.repeat(4))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # rank r reads samples r, r + world, ...: two ranks x batch 8 see the same 16 samples as one x batch 16
+            return DataLoader(data, batch_size=self.batch_size, sampler=DistributedSampler(data, shuffle=False))
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False)
+
+
+def _callbacks(export: bool, domino: bool = False) -> list[pl.Callback]:
+    if domino:
+        return [
+            DominoSearchCallback(
+                target_sparsity=0.6, m=4, check_every=2, penalty_every=1, penalty=2.0, output="found.json",
+                plot=False, verbose=False,
+            )
+        ]  # fmt: skip
+    return [
+        SRSTECallback(
+            1, 4, decay=0.05, verbose=False,
+            export_dir="export" if export else None, export_formats=["dense", "packed"],
+        ),
+        SparsityScheduler(start=0, end=6, schedule="linear", decay_schedule="linear", freeze=9, plot=False),
+    ]  # fmt: skip
+
+
+def _fit(
+    out: Path,
+    run: str,
+    devices: int,
+    batch_size: int,
+    *,
+    same_batches: bool = False,
+    max_steps: int = -1,
+    max_epochs: int = 3,
+    ckpt: Path | None = None,
+    save: Path | None = None,
+    sharded: bool = False,
+    domino: bool = False,
+    checkpoint_at: int | None = None,
+) -> None:
+    pl.seed_everything(0, workers=True)
+    opt = {"lr": 0.01, "momentum": 0.0} if domino else {}
+    model = ShardNet(batch_size, same_batches=same_batches, **opt)
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded)
+        if devices > 1 else "auto"
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        default_root_dir=out / run, accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
+        max_steps=max_steps, callbacks=_callbacks(export=ckpt is None and save is None, domino=domino) + (
+            [ModelCheckpoint(out / run, "at_{step}", every_n_train_steps=checkpoint_at, save_top_k=-1)]
+            if checkpoint_at else []
+        ),
+        logger=CSVLogger(out / run, name="logs"), log_every_n_steps=1, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=checkpoint_at is not None, num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(model, ckpt_path=ckpt, weights_only=True)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = (
+        get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if devices > 1 else model.state_dict()
+    )  # fmt: skip
+    layers = sparse_layers(model)
+    record = {
+        "step": trainer.global_step,
+        "full": {k: v.detach().clone() for k, v in full.items() if isinstance(v, torch.Tensor)},
+        "masks": {k: v.sparsity.mask.clone() for k, v in layers.items()},
+        "nm": {k: (v.state.n, v.state.m, v.state.frozen) for k, v in layers.items()},
+        "shards": {
+            k: None if v.sparsity.shard is None else (v.sparsity.shard.start, v.sparsity.shard.stop)
+            for k, v in layers.items()
+        },  # fmt: skip
+    }
+    torch.save(record, out / f"{run}_rank{trainer.global_rank}_of_{devices}.pt")
+
+
+class TensorParallelNet(ShardNet):
+    """Tensor parallelism: ``fc1`` column-wise (output rows), ``fc2`` row-wise (its 28 inputs in slices of 14)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+        parallelize_module(self, self.device_mesh["tensor_parallel"], plan)
+
+
+def _rowwise_check(devices: int) -> str:
+    """The placement check on a row-wise sharded weight: fc2's 28 inputs in slices of 14, for m=4 and m=2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from nm_lightning.distributed import ShardingError, check_placements
+    from nm_lightning.state import NMLayerState
+
+    weight = distribute_tensor(torch.randn(5, 28), init_device_mesh("cpu", (devices,)), [Shard(1)])
+    messages = []
+    for m in (4, 2):
+        try:
+            check_placements(NMLayerState("fc2.weight", (5, 28), m=m, target_n=1, n=m), weight)
+            messages.append(f"rowwise_m{m}: no error")
+        except ShardingError as err:
+            messages.append(f"rowwise_m{m}: {err}")
+    return "\n".join(messages)
+
+
+class LateLayerNet(ShardNet):
+    """A selectable layer built in ``configure_model`` (after the N:M attach)."""
+
+    def configure_model(self) -> None:
+        self.head = nn.Linear(8, 4)  # N:M-able (8 inputs), never used in forward
+        super().configure_model()
+
+
+def _other_configuration(out: Path, devices: int) -> str:
+    """A sharded folder written with SR-STE 1:4, resumed with 2:4: refused, naming the layer and both N:M."""
+    path = out / "one_of_four.ckpt"
+    for n, ckpt in ((1, None), (2, path)):
+        trainer = pl.Trainer(
+            default_root_dir=out / "other", accelerator="cpu", devices=devices, max_steps=2,
+            strategy=ModelParallelStrategy(devices, 1, save_distributed_checkpoint=True),
+            callbacks=[SRSTECallback(n, 4, verbose=False)], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+        )  # fmt: skip
+        try:
+            trainer.fit(ShardNet(8), ckpt_path=ckpt, weights_only=True)
+        except RuntimeError as err:
+            return f"other_configuration: {err}"
+        if ckpt is None:
+            trainer.save_checkpoint(path)
+    return "other_configuration: no error"
+
+
+def _errors(out: Path, devices: int) -> None:
+    """Every rank records the error of each refused setup (one line per case)."""
+    messages = []
+    for name, model, strategy in (
+        (
+            "tensor_parallel",
+            TensorParallelNet(8),
+            ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=devices),
+        ),
+        ("late_layer", LateLayerNet(8), ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)),
+    ):
+        trainer = pl.Trainer(
+            default_root_dir=out / name, accelerator="cpu", devices=devices, strategy=strategy, max_steps=1,
+            callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+        )  # fmt: skip
+        try:
+            trainer.fit(model)
+            messages.append(f"{name}: no error")
+        except Exception as err:  # noqa: BLE001 - the message is the result
+            messages.append(f"{name}: {type(err).__name__}: {err}")
+    messages.append(_rowwise_check(devices))
+    messages.append(_other_configuration(out, devices))
+    (out / f"errors_rank{trainer.global_rank}.txt").write_text("\n".join(messages) + "\n")
+
+
+def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
+    if mode == "errors":
+        _errors(out, devices)
+    elif mode == "domino":
+        _fit(out, "main", devices, batch_size, max_epochs=30, domino=True, save=out / "domino.ckpt")
+        if devices > 1:  # a sharded folder saved mid-epoch during the search: resuming from it ends the same
+            same = {"same_batches": True, "max_epochs": 5, "domino": True, "sharded": True}
+            _fit(out, "straight", devices, batch_size, max_steps=14, checkpoint_at=6, **same)
+            saved = out / "straight" / "at_step=6.ckpt"
+            _fit(out, "resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
+    elif mode != "srste":
+        raise SystemExit(f"unknown mode {mode!r}")
+    else:
+        _srste(out, devices, batch_size)
+    if torch.distributed.is_initialized():
+        # leave together: a rank exiting while the other still holds the gloo group can abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _srste(out: Path, devices: int, batch_size: int) -> None:
+    _fit(out, "main", devices, batch_size)
+    if devices > 1:
+        same = {"same_batches": True, "max_epochs": 5}
+        _fit(out, "straight", devices, batch_size, max_steps=10, **same)
+        for sharded, name in ((False, "full.ckpt"), (True, "sharded.ckpt")):
+            path = out / name
+            _fit(out, f"stop_{name}", devices, batch_size, max_steps=6, save=path, sharded=sharded, **same)  # mid-epoch
+            _fit(out, f"resume_{name}", devices, batch_size, max_steps=10, ckpt=path, sharded=sharded, **same)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
