@@ -145,14 +145,17 @@ _BITS: dict[torch.dtype, tuple[torch.dtype, int]] = {  # float dtype -> (same-wi
 _PAIRWISE_MAX_M = 8  # up to here m(m-1)/2 comparisons; above, a top-n threshold (measured faster there)
 
 
-def _magnitude(weight: torch.Tensor) -> torch.Tensor:
+def _magnitude(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """A tensor whose order (and ties) equals that of ``|weight|`` for finite values: the bit pattern with
     the sign cleared, as a same-width signed int (NaN above Inf, as ``sort`` places NaN); any other
-    floating dtype: ``abs``."""
+    floating dtype: ``abs``. ``transpose``: of ``weight.transpose(0, 1)``, written contiguous in the same
+    pass (the read is strided, the tensor is written once)."""
     bits = _BITS.get(weight.dtype)
+    src = weight.transpose(0, 1) if transpose else weight
     if bits is None:
-        return weight.abs()
-    return torch.bitwise_and(weight.view(bits[0]), bits[1])
+        return src.abs().contiguous() if transpose else src.abs()
+    out = torch.empty(src.shape, dtype=bits[0], device=weight.device)
+    return torch.bitwise_and(src.view(bits[0]), bits[1], out=out)
 
 
 def _mask_generic(weight: torch.Tensor, n: int, m: int, gv: GroupView) -> torch.Tensor:
@@ -166,9 +169,9 @@ def _mask_generic(weight: torch.Tensor, n: int, m: int, gv: GroupView) -> torch.
     above it is kept, plus the first ties in index order until ``n`` are kept.
     """
     groups = gv.outer * (gv.length // m)
-    mag = _magnitude(weight.detach().reshape(groups, m, gv.inner))
+    grouped = weight.detach().reshape(groups, m, gv.inner)
     if m <= _PAIRWISE_MAX_M:
-        rows = mag.transpose(0, 1).contiguous()  # [m, groups, inner]
+        rows = _magnitude(grouped, transpose=True)  # [m, groups, inner], contiguous
         beaten = torch.zeros(rows.shape, dtype=torch.int8, device=weight.device)  # count - i for element i
         gt = torch.empty(rows.shape[1:], dtype=torch.bool, device=weight.device)
         gt_i8 = gt.view(torch.int8)
@@ -182,6 +185,7 @@ def _mask_generic(weight: torch.Tensor, n: int, m: int, gv: GroupView) -> torch.
         mask = torch.empty((groups, m, gv.inner), dtype=torch.bool, device=weight.device)
         torch.lt(beaten.transpose(0, 1), limit, out=mask)
         return mask.reshape(weight.shape)
+    mag = _magnitude(grouped)
     thr = mag.topk(n, dim=1, sorted=True).values.narrow(1, n - 1, 1)
     above = mag > thr
     tie = mag == thr
