@@ -177,14 +177,15 @@ def train_dense(cfg: argparse.Namespace, corpus: dict, seed: int) -> tuple[ByteL
 
 
 # ---------------------------------------------------------------------------------------------- fine-tune
-def finetune(cfg: argparse.Namespace, model: ByteLM, corpus: dict, n: int, m: int, mode: str, seed: int) -> ByteLM:
-    """Fine-tune ``model`` (already N:M) with ``SRSTECallback(n, m, mode=...)`` in a Lightning Trainer."""
+def lit_lm(
+    net: nn.Module, data: torch.Tensor, lr: float, steps: int, batch: int, warmup: int = 0, weight_decay: float = 0.0
+):
+    """A LightningModule training ``net`` on the windows ``data`` in order: AdamW (β = 0.9, 0.95), linear LR
+    warm-up over ``warmup`` steps then cosine to 0 over ``steps`` (per step)."""
     import lightning.pytorch as pl
 
-    from nm_lightning import SRSTECallback
-
     class LM(pl.LightningModule):
-        def __init__(self, net: ByteLM) -> None:
+        def __init__(self) -> None:
             super().__init__()
             self.net = net
 
@@ -192,17 +193,40 @@ def finetune(cfg: argparse.Namespace, model: ByteLM, corpus: dict, n: int, m: in
             return lm_loss(self.net, batch)
 
         def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=cfg.ft_lr, weight_decay=0.0, betas=(0.9, 0.95))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.ft_steps)))
+            opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+            def factor(s: int) -> float:
+                ramp = min(1.0, (s + 1) / warmup) if warmup else 1.0
+                return ramp * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
         def train_dataloader(self):
-            gen = torch.Generator().manual_seed(10_000 + seed)
-            data = windows(corpus["train"], cfg.ctx, cfg.ft_steps * cfg.batch, gen)
-            return torch.utils.data.DataLoader(data, batch_size=cfg.batch, shuffle=False)
+            return torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
 
-    net = copy.deepcopy(model).train()
-    lm = LM(net)
+    return LM()
+
+
+def plain_copy(template: nn.Module, lit: nn.Module) -> nn.Module:
+    """A copy of ``template`` holding the trained (masked, plain) weights of ``lit.net``, in eval mode."""
+    from nm_lightning import plain_state_dict
+
+    out = copy.deepcopy(template)
+    sd = {k.removeprefix("net."): v for k, v in plain_state_dict(lit).items()}
+    out.load_state_dict(sd, strict=True)
+    return out.eval()
+
+
+def finetune(cfg: argparse.Namespace, model: ByteLM, corpus: dict, n: int, m: int, mode: str, seed: int) -> ByteLM:
+    """Fine-tune ``model`` (already N:M) with ``SRSTECallback(n, m, mode=...)`` in a Lightning Trainer."""
+    import lightning.pytorch as pl
+
+    from nm_lightning import SRSTECallback
+
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    data = windows(corpus["train"], cfg.ctx, cfg.ft_steps * cfg.batch, gen)
+    lm = lit_lm(copy.deepcopy(model).train(), data, cfg.ft_lr, cfg.ft_steps, cfg.batch)
     decay = cfg.c / (cfg.ft_lr * cfg.ft_steps)
     cb = SRSTECallback(n, m, decay=decay if mode == "dynamic" else 0.0, mode=mode, exclude=["*lm_head"], verbose=False)
     trainer = pl.Trainer(
@@ -218,12 +242,7 @@ def finetune(cfg: argparse.Namespace, model: ByteLM, corpus: dict, n: int, m: in
     )
     torch.manual_seed(seed)
     trainer.fit(lm)
-    from nm_lightning import plain_state_dict
-
-    out = copy.deepcopy(model)
-    sd = {k.removeprefix("net."): v for k, v in plain_state_dict(lm).items()}
-    out.load_state_dict(sd, strict=True)
-    return out.eval()
+    return plain_copy(model, lm)
 
 
 def check_nm(model: ByteLM, n: int, m: int) -> None:

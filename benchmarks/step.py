@@ -109,17 +109,19 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_all(tasks: list[dict[str, Any]], workers: int, sink: Any = None) -> list[dict[str, Any]]:
-    """Run the tasks in order (``workers`` at a time); ``sink(results)`` after each one (partial results survive)."""
+def run_all(tasks: list[dict[str, Any]], workers: int, sink: Any = None, fn: Any = None) -> list[dict[str, Any]]:
+    """Run ``fn`` (default :func:`run_task`) on the tasks in order (``workers`` at a time, spawned processes: ``fn``
+    must be importable); ``sink(results)`` after each one (partial results survive)."""
+    fn = fn or run_task
     results: list[dict[str, Any]] = []
     if workers <= 1:
         for t in tasks:
-            results.append(run_task(t))
+            results.append(fn(t))
             if sink:
                 sink(results)
         return results
     with mp.get_context("spawn").Pool(workers) as pool:
-        for r in pool.imap_unordered(run_task, tasks):
+        for r in pool.imap_unordered(fn, tasks):
             results.append(r)
             if sink:
                 sink(results)
