@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from nm_lightning.callbacks.base import NMCallback, export_gathered, selection_args
 from nm_lightning.callbacks.calibration import one_shot_at_fit_start
-from nm_lightning.distributed import decay_operands, local_rows, local_view
+from nm_lightning.distributed import decay_operands, is_dtensor, local_part, local_view
 from nm_lightning.export.artifacts import FORMATS, check_formats
 from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import mask_flips, nonzero_count
@@ -355,7 +355,7 @@ class SRSTECallback(NMCallback):
         with torch.no_grad():
             for layer in self.layers.values():
                 if layer.sparsity.frozen:  # whatever the optimizer did, pruned weights stay exactly zero
-                    mask = local_rows(layer.sparsity.mask, layer.sparsity.shard)
+                    mask = local_part(layer.sparsity.mask, layer.original)
                     local_view(layer.original).masked_fill_(~mask, 0)
         if self._first_masks is None:
             self._first_masks = {k: v.sparsity.mask.detach().cpu().clone() for k, v in self.layers.items()}
@@ -377,8 +377,8 @@ class SRSTECallback(NMCallback):
         flips = {"flip_rate": 0, "flip_rate_since_start": 0}
         for name, layer in self.layers.items():
             mask = layer.sparsity.mask.detach().cpu()
-            # a sharded weight's other rows live on other ranks: count the kept entries of the replicated mask
-            sharded = layer.sparsity.shard is not None
+            # a sharded weight's other parts live on other ranks: count the kept entries of the replicated mask
+            sharded = layer.sparsity.shard is not None or is_dtensor(layer.original)
             layer_nnz = int(mask.sum()) if sharded else nonzero_count(layer.original.detach().cpu(), mask)
             numel = mask.numel()
             nnz, total = nnz + layer_nnz, total + numel
