@@ -99,7 +99,8 @@ class _FullState(torch.nn.Module):
 
 def sharded_plain_weights(layers: Iterable[SparseLayer], sd: Mapping[str, Any]) -> dict[str, Any]:
     """The plain keys of a sharded state dict's N:M layers with their masked weights (``DTensor`` s placed like
-    the originals: FSDP2 rows or a tensor-parallel placement), computed on each rank's part without
+    the originals: FSDP2 rows or a tensor-parallel placement; plain tensors for the layers a tensor-parallel plan
+    leaves whole), computed on each rank's part without
     communication; a dynamic mask is recomputed from the current weights, as
     :func:`~nm_lightning.sparsify.split_state_dict` does."""
     from torch.distributed.tensor import DTensor
@@ -108,9 +109,14 @@ def sharded_plain_weights(layers: Iterable[SparseLayer], sd: Mapping[str, Any]) 
     for layer in layers:
         keys = nm_keys(layer.fqn)
         original = sd.get(keys.original)
-        if not distributed.is_dtensor(original):
+        if not isinstance(original, torch.Tensor):
             continue
         state = layer.state
+        if not distributed.is_dtensor(original):  # a layer outside the tensor-parallel plan: whole on every rank
+            mask = sd[keys.mask] if state.frozen else nm_mask(original, state.n, state.m, state.layout,
+                                                               input_dim=state.input_dim)  # fmt: skip
+            out[layer.fqn] = torch.where(mask.to(original.device), original, original.new_zeros(()))
+            continue
         local = original.to_local()
         mask = (
             distributed.local_part(sd[keys.mask], original).to(local.device)
