@@ -6,7 +6,8 @@ once per extra rank (Lightning's subprocess launcher), which cannot happen insid
 MODE ``srste``: SR-STE + SparsityScheduler + export. With 2 devices it also runs the checkpoint checks: a fit that
 stops mid-epoch, saves (full file and sharded folder) and resumes must end bit-identical to a fit that never
 stopped. MODE ``tp``: the same under tensor parallelism (``data_parallel_size=1``: ``fc1`` column-wise, ``fc2``
-row-wise in slices of 16, every rank sees the whole batch); with 1 device the same model without a mesh.
+row-wise in slices of 16, every rank sees the whole batch), then a DominoSearch; with 1 device the same model
+without a mesh.
 Every rank writes ``OUT_DIR/<run>_rank{r}_of_{devices}.pt`` with the gathered full state dict, masks and
 N:M; files of the callbacks go under ``OUT_DIR/<run>``.
 """
@@ -115,7 +116,8 @@ def _fit(
 ) -> None:
     pl.seed_everything(0, workers=True)
     opt = {"lr": 0.01, "momentum": 0.0} if domino else {}
-    model = TensorParallelNet(batch_size, same_batches, hidden=32) if tp else ShardNet(batch_size, same_batches, **opt)
+    model = (TensorParallelNet(batch_size, same_batches, hidden=32, **opt) if tp
+             else ShardNet(batch_size, same_batches, **opt))  # fmt: skip
     dp, tp_size = (1, devices) if tp else (devices, 1)
     strategy = (
         ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp_size, save_distributed_checkpoint=sharded)
@@ -288,8 +290,15 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
             _fit(out, "resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
     elif mode == "tp":
         _srste(out, devices, batch_size, tp=True)
+        _fit(out, "domino", devices, batch_size, max_epochs=30, domino=True, tp=True, save=out / "domino.ckpt")
         if devices > 1:
             _placed_numerics(out, devices)
+            # a sharded folder saved mid-search (each rank takes its part of the thresholds back): bit-identical. (A
+            # full file would need optimizer state: Lightning's full-file load fails on SGD without momentum)
+            same = {"same_batches": True, "max_epochs": 5, "domino": True, "tp": True, "sharded": True}
+            _fit(out, "domino_straight", devices, batch_size, max_steps=14, checkpoint_at=6, **same)
+            saved = out / "domino_straight" / "at_step=6.ckpt"
+            _fit(out, "domino_resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
     elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
     else:

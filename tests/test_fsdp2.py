@@ -133,7 +133,8 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
     """ColwiseParallel fc1 + RowwiseParallel fc2 (input slices of 16, multiples of 4) under SR-STE + a schedule:
     N:M attached after parallelize_module on the placed weights; both ranks equal one process without tensor
     parallelism on the same batch; one set of export files, exactly 1:4 along the input dim; bit-exact resume from a
-    full file and from a sharded folder; the placed forward is bit for bit the unsharded one."""
+    full file and from a sharded folder; the placed forward is bit for bit the unsharded one. A DominoSearch takes
+    the decisions of one process (same steps, N, masks, thresholds, MACs, scheme file) and resumes bit-exact."""
     one = _script(tmp_path, "tp", 1, 16)
     two = _script(tmp_path, "tp", 2, 16)
     single = torch.load(one / "main_rank0_of_1.pt", weights_only=True)
@@ -177,6 +178,26 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
 
     saved = set(FileSystemReader(str(two / "sharded.ckpt")).read_metadata().state_dict_metadata)
     assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
+    # DominoSearch: vote counts summed over the ranks, thresholds of each rank's part gathered for the checkpoint
+    single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
+    for rank in (0, 1):
+        got = torch.load(two / f"domino_rank{rank}_of_2.pt", weights_only=True)
+        assert got["step"] == single["step"] < 90 and got["nm"] == single["nm"], rank
+        assert any(n < m for n, m, _ in single["nm"].values())
+        for k in single["masks"]:
+            assert torch.equal(got["masks"][k], single["masks"][k]), (rank, k)
+    found = [[p.read_text() for p in (d / "domino").rglob("found.json")] for d in (two, one)]
+    assert len(found[0]) == 1 and found[0] == found[1]
+    states = [torch.load(d / "domino.ckpt", weights_only=True)["callbacks"] for d in (two, one)]
+    (s2,), (s1,) = ([v for k, v in s.items() if k.startswith("DominoSearchCallback")] for s in states)
+    for name, layer in s1["search"]["layers"].items():
+        assert torch.equal(s2["search"]["layers"][name]["thresholds"], layer["thresholds"]), name
+        assert s2["search"]["layers"][name]["macs"] == layer["macs"], name
+    straight = torch.load(two / "domino_straight_rank0_of_2.pt", weights_only=True)
+    resumed = torch.load(two / "domino_resume_rank0_of_2.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 14 and resumed["nm"] == straight["nm"]
+    for k, v in straight["full"].items():
+        assert torch.equal(resumed["full"][k], v), k
     for rank in (0, 1):
         assert (two / f"numerics_rank{rank}.txt").read_text().splitlines() == [
             "S(0): [True, True]", "S(1): [True, True]", "R: [True, True]"
