@@ -154,6 +154,7 @@ def _fit(
             for k, v in layers.items()
         },  # fmt: skip
         "placements": {k: str(getattr(v.original, "placements", None)) for k, v in layers.items()},
+        "effective": {k: v.effective() for k, v in layers.items()},  # gathered on every rank (a collective)
     }
     torch.save(record, out / f"{run}_rank{trainer.global_rank}_of_{devices}.pt")
 

@@ -155,6 +155,8 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
     for k in NM_KEYS:
         w = dense_two[k]
         assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
+        layer = k.rsplit(".", 1)[0]  # SparseLayer.effective gathers a placed weight on every rank
+        assert torch.equal(r0["effective"][layer], w) and torch.equal(r1["effective"][layer], w), k
         torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
     assert _files(two / "main") == _files(one / "main")
     rows = _rows(two / "main")

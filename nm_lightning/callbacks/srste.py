@@ -91,7 +91,8 @@ class SRSTECallback(NMCallback):
             The model is called as ``pl_module(input)`` (``*input`` for a tuple, ``**input`` for a dict).
         recompute_masked: between forward and backward keep only the bool mask (1 byte per weight) instead
             of the 4-byte masked weight, and rebuild it exactly in backward (saved-tensor hooks active
-            during each training batch).
+            during each training batch). Layers placed by tensor parallelism keep their masked weight (autograd
+            saves it as a ``DTensor``, which the hooks leave as is): the saving applies to the other layers.
         recipe: ``"srste"`` (N:M from the start) or ``"step"`` (STEP, for Adam/AdamW: dense until the switch,
             then N:M with the N:M weights' Adam second moment frozen; :mod:`nm_lightning.optim`).
         switch_at: with ``recipe="step"``: an optimizer step (>= 1), a fraction of the budget in (0, 1),

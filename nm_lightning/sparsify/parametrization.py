@@ -214,10 +214,16 @@ class SparseLayer:
         return getattr(self.module.parametrizations, self.param_name).original
 
     def effective(self) -> torch.Tensor:
-        """The weight the model computes with, without side effects on the recorded mask."""
+        """The weight the model computes with, without side effects on the recorded mask.
+
+        A sharded weight (a ``DTensor``) is gathered: the full tensor on every rank, a collective.
+        """
         with torch.no_grad():
             w = self.original
-            return torch.where(self.sparsity.current_mask(w), w, w.new_zeros(()))
+            mask = self.sparsity.current_mask(w)
+            if distributed.is_dtensor(w):
+                w = w.full_tensor()
+            return torch.where(mask, w, w.new_zeros(()))
 
 
 def get_param(module: nn.Module, name: str) -> torch.Tensor | None:
