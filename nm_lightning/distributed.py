@@ -1,31 +1,39 @@
-"""What sharded training needs: N:M masks computed on local row shards, and the local views of sharded tensors.
+"""What sharded training needs: N:M masks computed on each rank's part of a weight, and the local parts of
+full-shape tensors.
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``, Lightning's ``ModelParallelStrategy``) shards every parameter
-along dim 0 (output rows) with ``torch.chunk`` semantics: rank ``r`` of ``w`` ranks holds rows
-``[r·c, min((r+1)·c, rows))`` with ``c = ceil(rows / w)`` (a trailing rank may hold fewer rows, or none). Every
-N:M group runs along the input dimension of one row (the ``input_channel`` layout; in the ``flat`` layout when
-a row's size is a multiple of M), so a rank holds whole groups and computes their mask with no communication.
+Two ways of sharding a weight are supported under Lightning's ``ModelParallelStrategy``, each on a 1-D mesh:
 
-The contract with the N:M parametrization (:class:`~nm_lightning.sparsify.NMSparsity`):
+FSDP2 (``torch.distributed.fsdp.fully_shard``, ``tensor_parallel_size=1``) shards every parameter along dim 0
+(output rows) with ``torch.chunk`` semantics: rank ``r`` of ``w`` ranks holds rows ``[r·c, min((r+1)·c, rows))``
+with ``c = ceil(rows / w)`` (a trailing rank may hold fewer rows, or none). Every N:M group runs along the input
+dimension of one row (the ``input_channel`` layout; in the ``flat`` layout when a row's size is a multiple of M),
+so a rank holds whole groups and computes their mask with no communication. The contract with the N:M
+parametrization (:class:`~nm_lightning.sparsify.NMSparsity`):
 
 * the N:M parametrization is attached *before* ``fully_shard`` (FSDP2 then shards
   ``parametrizations.<param>.original`` like any other parameter and hands the parametrization the unsharded
   weight inside its forward; attached after, the parametrization would read the sharded ``DTensor``);
-* :func:`bind_shards`, called once after ``fully_shard``, gives each such parametrization its
-  :class:`RowShard`;
+* :func:`bind_shards <nm_lightning.sparsify.bind_shards>`, called once after ``fully_shard``, gives each such
+  parametrization its :class:`RowShard`;
 * in each forward the parametrization computes the mask of the local rows only (the mask work per rank scales
   with 1/world size) and all-gathers the bool mask (1 byte per weight, a quarter of the float32 gather FSDP2
-  already does for the weight); no weight is gathered beyond FSDP2's own gather;
-* the recorded ``mask`` buffer stays a plain, replicated bool tensor of the full shape: identical on every
-  rank, so metrics and flip rates read it on rank 0 alone, and checkpoints carry it as is.
+  already does for the weight); no weight is gathered beyond FSDP2's own gather.
 
-Gradients and weights outside the forward are ``DTensor`` s with placement ``Shard(0)``: :func:`local_view`
-and :func:`local_rows` give the plain local tensors for element-wise work such as the SR-STE decay
+Tensor parallelism (``parallelize_module``, ``data_parallel_size=1``): ``ColwiseParallel`` shards a Linear's
+output dim (``Shard(0)``: whole groups per rank), ``RowwiseParallel`` its input dim (``Shard(1)``: valid only when
+every rank's slice is a multiple of M, so no group straddles ranks; :func:`check_placements` names the layer, the
+slice size and M otherwise); layers outside the plan stay plain tensors (or ``Replicate``). torch's parallel styles
+cannot shard a parametrized layer, so here the parametrization is attached *after* ``parallelize_module`` and
+its forward receives the ``DTensor`` weight: it masks the local shard (:func:`placed_mask`, no communication for
+the mask itself) and returns ``W ⊙ E`` as a ``DTensor`` placed like ``W`` (:func:`placed_masked`).
+
+In both cases the recorded ``mask`` buffer stays a plain, replicated bool tensor of the full shape (the bool
+mask is all-gathered in every training forward, which every rank runs): identical on every rank, so metrics and
+flip rates read it on rank 0 alone, and checkpoints carry it as is. Gradients, weights and optimizer states
+outside the forward are ``DTensor`` s: :func:`local_view` gives the plain local tensor, :func:`local_part` the
+matching part of a full-shape tensor (the mask, a full checkpoint's weight) for any placement on a 1-D mesh, and
+:func:`gather_full` the inverse (a collective), for element-wise work such as the SR-STE decay
 (:func:`decay_operands`).
-
-Tensor parallelism (``parallelize_module``): ``ColwiseParallel`` shards the output dim (whole groups per
-rank); ``RowwiseParallel`` shards the input dim, which is only valid when every rank's slice of the input is a
-multiple of M (:func:`check_placements` says which layer, slice size and M otherwise).
 
 Pure torch (no Lightning); imports only :mod:`nm_lightning.masks` and :mod:`nm_lightning.state`.
 """
@@ -48,11 +56,15 @@ __all__ = [
     "ShardingError",
     "check_placements",
     "decay_operands",
+    "gather_full",
     "gather_rows",
     "is_dtensor",
+    "local_part",
     "local_rows",
     "local_view",
     "masked_straight_through",
+    "placed_mask",
+    "placed_masked",
     "row_shard",
     "sum_over",
 ]
@@ -164,8 +176,59 @@ def row_shard(param: torch.Tensor) -> RowShard | None:
 
 
 def local_rows(t: torch.Tensor, shard: RowShard | None) -> torch.Tensor:
-    """Rows ``[start, stop)`` of a full-shape tensor (a view), or ``t`` itself when unsharded."""
+    """Rows ``[start, stop)`` of the unsharded weight FSDP2 hands to the forward (a view), or ``t`` itself when
+    unsharded. For the local part of a full-shape tensor matching a ``DTensor`` use :func:`local_part`."""
     return t if shard is None else t[shard.start : shard.stop]
+
+
+def _placement(like: Any, mesh: Any, placements: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    if like is not None:
+        return (like.device_mesh, tuple(like.placements)) if is_dtensor(like) else None
+    return None if mesh is None else (mesh, tuple(placements))
+
+
+def local_part(
+    full: torch.Tensor, like: torch.Tensor | None = None, *, mesh: Any = None, placements: Any = None
+) -> torch.Tensor:
+    """This rank's part (a view) of the full-shape tensor ``full``, placed like the ``DTensor`` ``like`` (or on
+    ``mesh`` with ``placements``); ``full`` itself when ``like`` is a plain tensor.
+
+    Any placement on a 1-D mesh: ``Shard(d)`` with ``torch.chunk`` semantics (what FSDP2 and the parallel styles
+    use), ``Replicate`` (the whole tensor). In place writes to the result reach ``full``.
+    """
+    placed = _placement(like, mesh, placements)
+    if placed is None:
+        return full
+    if like is not None and tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"local_part: a full tensor of shape {list(full.shape)} for a DTensor of shape "
+                         f"{list(like.shape)}")  # fmt: skip
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tuple(full.shape), *placed)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
+def gather_full(
+    local: torch.Tensor,
+    like: torch.Tensor | None = None,
+    *,
+    mesh: Any = None,
+    placements: Any = None,
+    shape: Any = None,
+) -> torch.Tensor:
+    """The full tensor (plain, on every rank) from each rank's part placed like ``like`` (or on ``mesh`` with
+    ``placements``, of global ``shape``): a collective over the mesh, every rank must call it. The inverse of
+    :func:`local_part`; a bool tensor travels as ``uint8`` (gloo has no bool all-gather)."""
+    placed = _placement(like, mesh, placements)
+    if placed is None:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    shape = tuple(like.shape) if like is not None else tuple(shape)
+    wire = torch.uint8 if local.dtype == torch.bool else local.dtype
+    stride = torch.empty(shape, device="meta").stride()
+    spread = DTensor.from_local(local.to(wire), *placed, run_check=False, shape=shape, stride=stride)
+    return spread.full_tensor().to(local.dtype)
 
 
 def gather_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
@@ -186,12 +249,15 @@ def gather_rows(local: torch.Tensor, shard: RowShard) -> torch.Tensor:
     return out[: shard.rows].to(local.dtype)
 
 
-def sum_over(shard: RowShard) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function summing a tensor over the ranks of ``shard.group`` (a collective: every rank must call it)."""
+def sum_over(group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function summing a tensor over the ranks of the process ``group`` (a collective: every rank must call
+    it). A :class:`RowShard` stands for its group."""
+    if isinstance(group, RowShard):
+        group = group.group
 
     def reduce(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
 
     return reduce
@@ -231,14 +297,39 @@ def sharded_mask(weight: torch.Tensor, state: NMLayerState, shard: RowShard) -> 
     return gather_rows(local, shard), local
 
 
+def placed_mask(weight: torch.Tensor, state: NMLayerState) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(full mask, local mask)`` of a ``DTensor`` weight (any placement that :func:`check_placements` accepts):
+    this rank computes the N:M mask of its own part only (whole groups: no communication), then the bool mask is
+    all-gathered into the full, replicated one (a collective: every rank must call it)."""
+    local = nm_mask(weight.to_local().detach(), state.n, state.m, state.layout, input_dim=state.input_dim)
+    return gather_full(local, weight), local
+
+
+def placed_masked(weight: torch.Tensor, local_mask: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """``W ⊙ E`` for a ``DTensor`` weight, computed on the local shard and placed like ``W`` (no communication).
+
+    Bit for bit the unsharded forward (``+0.0`` where pruned, a kept ``-0.0`` stays ``-0.0``); the gradient passes
+    straight through to all of ``W`` (SR-STE/STE) or only to the kept entries (the fixed-mask rule).
+    """
+    from torch.distributed.tensor import DTensor
+
+    local = weight.to_local()
+    if straight_through:
+        out = masked_straight_through(local, local_mask)
+    else:
+        out = torch.where(local_mask, local, torch.zeros((), dtype=local.dtype, device=local.device))
+    return DTensor.from_local(
+        out, weight.device_mesh, weight.placements, run_check=False, shape=weight.shape, stride=weight.stride()
+    )
+
+
 def decay_operands(
     grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plain local ``(grad, weight, mask)`` for element-wise work on a possibly sharded weight (the SR-STE
     decay :func:`nm_lightning.srste.add_decay_`, the DominoSearch penalty).
 
-    ``grad`` and ``weight`` are FSDP2 ``DTensor`` s (``Shard(0)``) or plain tensors; ``mask`` is the full-shape
-    replicated mask. In place updates of the returned ``grad`` reach the real gradient.
+    ``grad`` and ``weight`` are ``DTensor`` s (FSDP2's ``Shard(0)``, a parallel style's placement) or plain tensors;
+    ``mask`` is the full-shape replicated mask. In place updates of the returned ``grad`` reach the real gradient.
     """
-    shard = row_shard(weight)
-    return local_view(grad), local_view(weight), local_rows(mask, shard)
+    return local_view(grad), local_view(weight), local_part(mask, weight)

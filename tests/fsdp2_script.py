@@ -5,7 +5,10 @@ once per extra rank (Lightning's subprocess launcher), which cannot happen insid
 
 MODE ``srste``: SR-STE + SparsityScheduler + export. With 2 devices it also runs the checkpoint checks: a fit that
 stops mid-epoch, saves (full file and sharded folder) and resumes must end bit-identical to a fit that never
-stopped. Every rank writes ``OUT_DIR/<run>_rank{r}_of_{devices}.pt`` with the gathered full state dict, masks and
+stopped. MODE ``tp``: the same under tensor parallelism (``data_parallel_size=1``: ``fc1`` column-wise, ``fc2``
+row-wise in slices of 16, every rank sees the whole batch), then a DominoSearch; with 1 device the same model
+without a mesh.
+Every rank writes ``OUT_DIR/<run>_rank{r}_of_{devices}.pt`` with the gathered full state dict, masks and
 N:M; files of the callbacks go under ``OUT_DIR/<run>``.
 """
 
@@ -32,14 +35,16 @@ class ShardNet(pl.LightningModule):
     """Layers built in ``__init__``; ``configure_model`` applies ``fully_shard`` per layer and on the root (when a
     device mesh exists). ``fc2`` has 5 output rows: uneven shards of 3 and 2 rows."""
 
-    def __init__(self, batch_size: int, same_batches: bool = False, lr: float = 0.1, momentum: float = 0.9) -> None:
+    def __init__(
+        self, batch_size: int, same_batches: bool = False, lr: float = 0.1, momentum: float = 0.9, hidden: int = 28
+    ) -> None:
         super().__init__()
         self.batch_size, self.same_batches, self.lr, self.momentum = batch_size, same_batches, lr, momentum
         torch.manual_seed(1)
         self.conv1 = nn.Conv1d(4, 8, 3, padding=1)
         self.conv2 = nn.Conv1d(8, 16, 3, padding=1, bias=False)
-        self.fc1 = nn.Linear(16 * 16, 28)
-        self.fc2 = nn.Linear(28, 5)
+        self.fc1 = nn.Linear(16 * 16, hidden)
+        self.fc2 = nn.Linear(hidden, 5)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -70,7 +75,7 @@ class ShardNet(pl.LightningModule):
         if self.same_batches:  # every step sees the same samples: a resumed run cannot differ by data order
             x, y = make_data(16)[:]
             data = TensorDataset(x.repeat(4, 1, 1), y.repeat(4))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized() and not isinstance(self, TensorParallelNet):
             # rank r reads samples r, r + world, ...: two ranks x batch 8 see the same 16 samples as one x batch 16
             return DataLoader(data, batch_size=self.batch_size, sampler=DistributedSampler(data, shuffle=False))
         return DataLoader(data, batch_size=self.batch_size, shuffle=False)
@@ -107,12 +112,15 @@ def _fit(
     sharded: bool = False,
     domino: bool = False,
     checkpoint_at: int | None = None,
+    tp: bool = False,
 ) -> None:
     pl.seed_everything(0, workers=True)
     opt = {"lr": 0.01, "momentum": 0.0} if domino else {}
-    model = ShardNet(batch_size, same_batches=same_batches, **opt)
+    model = (TensorParallelNet(batch_size, same_batches, hidden=32, **opt) if tp
+             else ShardNet(batch_size, same_batches, **opt))  # fmt: skip
+    dp, tp_size = (1, devices) if tp else (devices, 1)
     strategy = (
-        ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded)
+        ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp_size, save_distributed_checkpoint=sharded)
         if devices > 1 else "auto"
     )  # fmt: skip
     trainer = pl.Trainer(
@@ -145,14 +153,20 @@ def _fit(
             k: None if v.sparsity.shard is None else (v.sparsity.shard.start, v.sparsity.shard.stop)
             for k, v in layers.items()
         },  # fmt: skip
+        "placements": {k: str(getattr(v.original, "placements", None)) for k, v in layers.items()},
+        "effective": {k: v.effective() for k, v in layers.items()},  # gathered on every rank (a collective)
     }
     torch.save(record, out / f"{run}_rank{trainer.global_rank}_of_{devices}.pt")
 
 
 class TensorParallelNet(ShardNet):
-    """Tensor parallelism: ``fc1`` column-wise (output rows), ``fc2`` row-wise (its 28 inputs in slices of 14)."""
+    """Tensor parallelism: ``fc1`` column-wise (output rows), ``fc2`` row-wise (its inputs in slices of
+    ``hidden / 2``: 14 by default, not a multiple of 4); the convolutions stay whole on every rank. Every rank reads
+    the whole batch (the ranks hold parts of one model)."""
 
     def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
         plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
@@ -176,6 +190,40 @@ def _rowwise_check(devices: int) -> str:
         except ShardingError as err:
             messages.append(f"rowwise_m{m}: {err}")
     return "\n".join(messages)
+
+
+def _placed_numerics(out: Path, devices: int) -> None:
+    """The tensor-parallel forward on each placement equals the unsharded ``ste_nm`` bit for bit (``+0.0`` where
+    pruned, a kept ``-0.0`` stays ``-0.0``), with the straight-through gradient, or the kept-only gradient of the
+    fixed-mask rule; the gathered mask equals the whole one. Every rank writes one line per placement."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from nm_lightning.distributed import placed_mask, placed_masked
+    from nm_lightning.srste import ste_nm
+    from nm_lightning.state import NMLayerState
+
+    mesh = init_device_mesh("cpu", (devices,))
+    torch.manual_seed(0)
+    w = torch.randn(6, 16)
+    w[0, :4] = torch.tensor([-0.0, -0.0, 0.0, -0.0])  # ties among zeros: kept -0.0 entries
+    ref, mask = ste_nm(w, 2, 4)
+    lines = []
+    for placement in (Shard(0), Shard(1), Replicate()):
+        results = []
+        for straight_through in (True, False):
+            dw = distribute_tensor(w, mesh, [placement]).requires_grad_()
+            full, local = placed_mask(dw, NMLayerState("w", (6, 16), m=4, target_n=2, n=2))
+            got = placed_masked(dw, local, straight_through)
+            whole = got.full_tensor()
+            got.sum().backward()
+            grad = torch.ones_like(w) if straight_through else mask.float()
+            results.append(
+                torch.equal(full, mask) and torch.equal(whole, ref) and torch.equal(whole.signbit(), ref.signbit())
+                and torch.equal(dw.grad.full_tensor(), grad)
+            )  # fmt: skip
+        lines.append(f"{placement}: {results}")
+    (out / f"numerics_rank{torch.distributed.get_rank()}.txt").write_text("\n".join(lines) + "\n")
 
 
 class LateLayerNet(ShardNet):
@@ -241,6 +289,17 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
             _fit(out, "straight", devices, batch_size, max_steps=14, checkpoint_at=6, **same)
             saved = out / "straight" / "at_step=6.ckpt"
             _fit(out, "resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
+    elif mode == "tp":
+        _srste(out, devices, batch_size, tp=True)
+        _fit(out, "domino", devices, batch_size, max_epochs=30, domino=True, tp=True, save=out / "domino.ckpt")
+        if devices > 1:
+            _placed_numerics(out, devices)
+            # a sharded folder saved mid-search (each rank takes its part of the thresholds back): bit-identical. (A
+            # full file would need optimizer state: Lightning's full-file load fails on SGD without momentum)
+            same = {"same_batches": True, "max_epochs": 5, "domino": True, "tp": True, "sharded": True}
+            _fit(out, "domino_straight", devices, batch_size, max_steps=14, checkpoint_at=6, **same)
+            saved = out / "domino_straight" / "at_step=6.ckpt"
+            _fit(out, "domino_resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
     elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
     else:
@@ -251,10 +310,10 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _srste(out: Path, devices: int, batch_size: int) -> None:
-    _fit(out, "main", devices, batch_size)
+def _srste(out: Path, devices: int, batch_size: int, tp: bool = False) -> None:
+    _fit(out, "main", devices, batch_size, tp=tp)
     if devices > 1:
-        same = {"same_batches": True, "max_epochs": 5}
+        same = {"same_batches": True, "max_epochs": 5, "tp": tp}
         _fit(out, "straight", devices, batch_size, max_steps=10, **same)
         for sharded, name in ((False, "full.ckpt"), (True, "sharded.ckpt")):
             path = out / name

@@ -1,6 +1,7 @@
-"""FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) on two CPU processes (gloo), through ``tests/fsdp2_script.py``:
-masks computed on each rank's rows, identical on every rank and equal to one process with the same global batch;
-exactly N:M gathered weights; one set of files; bit-exact resume from a full file and from a sharded folder."""
+"""FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) and tensor parallelism (``parallelize_module``) on two CPU
+processes (gloo), through ``tests/fsdp2_script.py``: masks computed on each rank's part, identical on every rank
+and equal to one process with the same global batch; exactly N:M gathered weights; one set of files; bit-exact
+resume from a full file and from a sharded folder; a 2-D mesh and row-wise slices that split groups refused."""
 
 from __future__ import annotations
 
@@ -126,6 +127,104 @@ def test_srste_under_fsdp2_equals_one_process_and_resumes_bit_exact(tmp_path):
     assert meta["nm_lightning"]["sharded"] is True
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("_no_hang")
+def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
+    """ColwiseParallel fc1 + RowwiseParallel fc2 (input slices of 16, multiples of 4) under SR-STE + a schedule:
+    N:M attached after parallelize_module on the placed weights; both ranks equal one process without tensor
+    parallelism on the same batch; one set of export files, exactly 1:4 along the input dim; bit-exact resume from a
+    full file and from a sharded folder; the placed forward is bit for bit the unsharded one. A DominoSearch takes
+    the decisions of one process (same steps, N, masks, thresholds, MACs, scheme file) and resumes bit-exact."""
+    one = _script(tmp_path, "tp", 1, 16)
+    two = _script(tmp_path, "tp", 2, 16)
+    single = torch.load(one / "main_rank0_of_1.pt", weights_only=True)
+    r0 = torch.load(two / "main_rank0_of_2.pt", weights_only=True)
+    r1 = torch.load(two / "main_rank1_of_2.pt", weights_only=True)
+    placed = {"conv1": "None", "conv2": "None", "fc1": "(Shard(dim=0),)", "fc2": "(Shard(dim=1),)"}
+    assert r0["placements"] == r1["placements"] == placed
+    assert r0["step"] == single["step"] == 12 and r0["nm"] == r1["nm"] == single["nm"]
+    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())
+    for k in single["masks"]:
+        assert torch.equal(r0["masks"][k], r1["masks"][k]) and torch.equal(r0["masks"][k], single["masks"][k]), k
+    assert set(r0["full"]) == set(single["full"]) and not r1["full"]
+    for k, v in single["full"].items():
+        torch.testing.assert_close(r0["full"][k], v, rtol=0, atol=1e-5)
+    dense_two = torch.load(next(two.glob("main/**/model_dense.pt")), weights_only=True)
+    dense_one = torch.load(next(one.glob("main/**/model_dense.pt")), weights_only=True)
+    assert set(dense_two) == set(dense_one)
+    for k in NM_KEYS:
+        w = dense_two[k]
+        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
+        layer = k.rsplit(".", 1)[0]  # SparseLayer.effective gathers a placed weight on every rank
+        assert torch.equal(r0["effective"][layer], w) and torch.equal(r1["effective"][layer], w), k
+        torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
+    assert _files(two / "main") == _files(one / "main")
+    rows = _rows(two / "main")
+    assert sum(1 for r in rows if r.get("nm/sparsity")) >= 10
+    assert float([r for r in rows if r.get("nm/sparsity")][-1]["nm/sparsity"]) == pytest.approx(0.75)
+    straight = torch.load(two / "straight_rank0_of_2.pt", weights_only=True)
+    for name in ("full.ckpt", "sharded.ckpt"):
+        for rank in (0, 1):
+            resumed = torch.load(two / f"resume_{name}_rank{rank}_of_2.pt", weights_only=True)
+            assert resumed["step"] == straight["step"] == 10 and resumed["nm"] == straight["nm"], name
+            for k, v in straight["masks"].items():
+                assert torch.equal(resumed["masks"][k], v), (name, k)
+        for k, v in straight["full"].items():
+            assert torch.equal(torch.load(two / f"resume_{name}_rank0_of_2.pt", weights_only=True)["full"][k], v)
+    ckpt = torch.load(two / "full.ckpt", weights_only=True)
+    assert sorted(ckpt["state_dict"]) == sorted(dense_one)
+    for k in NM_KEYS:
+        w, n = ckpt["state_dict"][k], ckpt["nm_lightning"]["state"][k.replace(".weight", EXTRA)]["n"]
+        assert n < 4 and torch.equal(w != 0, nm_mask(w, n, 4) & (w != 0)), k
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(str(two / "sharded.ckpt")).read_metadata().state_dict_metadata)
+    assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
+    # DominoSearch: vote counts summed over the ranks, thresholds of each rank's part gathered for the checkpoint
+    single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
+    for rank in (0, 1):
+        got = torch.load(two / f"domino_rank{rank}_of_2.pt", weights_only=True)
+        assert got["step"] == single["step"] < 90 and got["nm"] == single["nm"], rank
+        assert any(n < m for n, m, _ in single["nm"].values())
+        for k in single["masks"]:
+            assert torch.equal(got["masks"][k], single["masks"][k]), (rank, k)
+    found = [[p.read_text() for p in (d / "domino").rglob("found.json")] for d in (two, one)]
+    assert len(found[0]) == 1 and found[0] == found[1]
+    states = [torch.load(d / "domino.ckpt", weights_only=True)["callbacks"] for d in (two, one)]
+    (s2,), (s1,) = ([v for k, v in s.items() if k.startswith("DominoSearchCallback")] for s in states)
+    for name, layer in s1["search"]["layers"].items():
+        assert torch.equal(s2["search"]["layers"][name]["thresholds"], layer["thresholds"]), name
+        assert s2["search"]["layers"][name]["macs"] == layer["macs"], name
+    straight = torch.load(two / "domino_straight_rank0_of_2.pt", weights_only=True)
+    resumed = torch.load(two / "domino_resume_rank0_of_2.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 14 and resumed["nm"] == straight["nm"]
+    for k, v in straight["full"].items():
+        assert torch.equal(resumed["full"][k], v), k
+    for rank in (0, 1):
+        assert (two / f"numerics_rank{rank}.txt").read_text().splitlines() == [
+            "S(0): [True, True]", "S(1): [True, True]", "R: [True, True]"
+        ]  # fmt: skip
+
+
+def test_two_dimensional_mesh_is_refused_naming_what_is_supported():
+    """FSDP2 and tensor parallelism together cannot be attached in either order: refused at setup."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class Mesh:
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return types.SimpleNamespace(size=lambda: 2)
+
+    strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
+    strategy._device_mesh = Mesh()
+    fake = types.SimpleNamespace(strategy=strategy)
+    match = (r"SRSTECallback supports ModelParallelStrategy with FSDP2 alone .* or tensor parallelism alone "
+             r".*data_parallel_size=2 and tensor_parallel_size=2")  # fmt: skip
+    with pytest.raises(MisconfigurationException, match=match):
+        SRSTECallback().setup(fake, TinyNet(), "fit")
+
+
 @pytest.mark.parametrize("rows, world", [(5, 2), (28, 2), (3, 4), (16, 3)])
 def test_row_shard_follows_torch_chunk(rows, world):
     """FSDP2 shards dim 0 like ``torch.chunk`` (a trailing rank may hold fewer rows or none)."""
@@ -171,13 +270,14 @@ def test_flattening_strategies_are_refused_naming_the_alternative(base):
 @pytest.mark.slow
 @pytest.mark.usefixtures("_no_hang")
 def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
-    """Tensor parallelism is refused at setup; a layer built in configure_model (after the attach) is named; a
-    row-wise shard that splits N:M groups names the layer, the slice size and M; a sharded folder written with
+    """RowwiseParallel on fc2 (28 inputs in slices of 14, m=4) names the layer, the slice size and M; a layer built
+    in configure_model (after the FSDP2 attach) is named; the placement check itself; a sharded folder written with
     another N:M configuration is refused on resume."""
     out = _script(tmp_path, "errors", 2, 8)
     for rank in (0, 1):  # every rank fails the same way (no rank waits in a collective)
         lines = (out / f"errors_rank{rank}.txt").read_text().splitlines()
-        assert "tensor-parallel mesh of size 2" in lines[0] and "tensor_parallel_size=1" in lines[0]
+        assert lines[0].startswith("tensor_parallel: MisconfigurationException: SRSTECallback: layer 'fc2': dim 1 ")
+        assert "sharded over 2 ranks into slices of 14, not a multiple of m=4" in lines[0]
         assert "layers ['head'] were built in configure_model" in lines[1]
         assert lines[2].startswith("rowwise_m4: layer 'fc2'") and "slices of 14, not a multiple of m=4" in lines[2]
         assert lines[3] == "rowwise_m2: no error"

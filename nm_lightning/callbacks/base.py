@@ -1,5 +1,6 @@
 """What every N:M callback shares: attaching (in ``setup``, or after ``configure_model``), plain-key checkpoints,
-exact and validated resume, the fit-start table, logging; FSDP2 through ``ModelParallelStrategy``."""
+exact and validated resume, the fit-start table, logging; FSDP2 or tensor parallelism through
+``ModelParallelStrategy``."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from torch.nn.parameter import is_lazy
 
 import nm_lightning.distributed as distributed
 from nm_lightning.callbacks.model_parallel import (
-    check_tensor_parallel,
     export_gathered,
     is_model_parallel,
     load_full_into_shards,
+    model_parallel_mode,
     sharded_plain_weights,
 )
 from nm_lightning.masks import Layout
@@ -33,6 +34,7 @@ from nm_lightning.sparsify import (
     as_patterns,
     attach,
     bind_shards,
+    bind_tensor_parallel,
     detach,
     materialize_lazy,
     plan_layers,
@@ -99,11 +101,20 @@ class NMCallback(Callback):
     overrides ``configure_model`` (layers built there) attaching waits until right after it: before the
     strategy wraps the module, the optimizers are built and a checkpoint is restored.
 
-    Under ``ModelParallelStrategy`` (FSDP2) the layers are attached in ``setup``, *before* ``configure_model``
-    applies ``fully_shard`` (FSDP2 then shards the parametrization's ``original`` and hands the parametrization
-    the unsharded weight in each forward); right after ``configure_model`` each layer is bound to its row shard
-    (:func:`nm_lightning.sparsify.parametrization.bind_shards`). A selectable layer that only appears in
-    ``configure_model`` is an error there.
+    Under ``ModelParallelStrategy`` with FSDP2 (``tensor_parallel_size=1``) the layers are attached in ``setup``,
+    *before* ``configure_model`` applies ``fully_shard`` (FSDP2 then shards the parametrization's ``original`` and
+    hands the parametrization the unsharded weight in each forward); right after ``configure_model`` each layer is
+    bound to its row shard (:func:`nm_lightning.sparsify.parametrization.bind_shards`). A selectable layer that
+    only appears in ``configure_model`` is an error there.
+
+    With tensor parallelism (``data_parallel_size=1``, ``configure_model`` applies ``parallelize_module``) the
+    order is the opposite: torch's parallel styles cannot shard a parametrized layer, so the layers are attached
+    right after ``configure_model``, on the placed ``DTensor`` weights (``Shard(0)``: ``ColwiseParallel``,
+    ``Shard(1)``: ``RowwiseParallel``, plain or ``Replicate``: outside the plan); every placement is checked then
+    (a ``RowwiseParallel`` slice that is not a multiple of M is an error naming the layer, the slice and M), and
+    each forward masks the local shard (:func:`nm_lightning.sparsify.parametrization.bind_tensor_parallel`). The
+    Parameter objects stay the same, so the optimizers built later are unaffected. A 2-D mesh (FSDP2 and tensor
+    parallelism together) is refused in ``setup``.
     """
 
     plans: list[LayerPlan]
@@ -128,11 +139,15 @@ class NMCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy, type(self).__name__, self.supports_model_parallel)
         if is_model_parallel(trainer.strategy):
-            check_tensor_parallel(trainer.strategy, type(self).__name__)
-            # FSDP2: attach before fully_shard (configure_model), bind the shards right after it
-            self._setup_now(trainer, pl_module, stage)
+            mode = model_parallel_mode(trainer.strategy, type(self).__name__)
             # the checkpoint's state_dict has the plain keys; the N:M entries are loaded in on_load_checkpoint
             pl_module.strict_loading = False
+            if mode == "tensor_parallel":
+                # parallelize_module cannot shard a parametrized layer: attach on the placed weights after it
+                self._after_configure_model(pl_module, lambda: self._attach_placed(trainer, pl_module, stage))
+                return
+            # FSDP2: attach before fully_shard (configure_model), bind the shards right after it
+            self._setup_now(trainer, pl_module, stage)
             self._after_configure_model(pl_module, lambda: self._bind_shards(trainer, pl_module, stage))
         elif is_overridden("configure_model", pl_module):
             # its layers may not exist yet
@@ -174,6 +189,15 @@ class NMCallback(Callback):
         except distributed.ShardingError as err:
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
         # the configuration a sharded-folder resume is checked against (the folder's states replace these on load)
+        self._requested = {layer.fqn: dataclasses.replace(layer.state) for layer in self.layers.values()}
+
+    def _attach_placed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After ``configure_model`` under tensor parallelism: attach on the placed weights, check the placements."""
+        self._setup_now(trainer, pl_module, stage)
+        try:
+            bind_tensor_parallel(pl_module)
+        except distributed.ShardingError as err:
+            raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
         self._requested = {layer.fqn: dataclasses.replace(layer.state) for layer in self.layers.values()}
 
     def _planned(self, name: str) -> bool:
@@ -223,9 +247,10 @@ class NMCallback(Callback):
         if not self.layers:
             why = "; ".join(f"{p.name} ({p.type_name}): {p.reason}" for p in self.plans) or "the model has no weights"
             where = (
-                " (under ModelParallelStrategy N:M is attached in setup, before configure_model: build the layers "
-                "in __init__ and only apply fully_shard in configure_model)"
-                if is_model_parallel(trainer.strategy) else ""
+                " (under ModelParallelStrategy with FSDP2 N:M is attached in setup, before configure_model: build "
+                "the layers in __init__ and only apply fully_shard in configure_model)"
+                if is_model_parallel(trainer.strategy) and model_parallel_mode(trainer.strategy, name) == "fsdp2"
+                else ""
             )  # fmt: skip
             raise MisconfigurationException(
                 f"{name} found no layer to sparsify ({len(skipped)} skipped, "

@@ -179,23 +179,41 @@ class DominoSearchCallback(NMCallback):
         gv = group_view(state.shape, state.layout)
         return (gv.outer, gv.length // state.m, 1, gv.inner)
 
+    def _group_shape(self, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        """The weight ``shape`` with the group dim counted in groups: thresholds viewed this way are placed like the
+        weight itself (a rank's part of the weight holds whole groups, ``check_placements``)."""
+        state = self.layers[name].state
+        if state.layout == "flat" or len(shape) <= 1:  # whole rows hold whole groups when dim 0 may be sharded
+            row = math.prod(shape[1:])
+            if len(shape) > 1 and row % state.m == 0:
+                return (shape[0], row // state.m)
+            return (math.prod(shape) // state.m,)
+        d = state.input_dim
+        return (*shape[:d], shape[d] // state.m, *shape[d + 1 :])
+
     def _full_thresholds(self, name: str, local: torch.Tensor | None) -> torch.Tensor | None:
-        """A sharded layer's thresholds gathered from every rank's rows (a collective), else unchanged."""
-        shard = self.layers[name].sparsity.shard if name in self.layers else None
-        if shard is None or local is None:
+        """A sharded layer's thresholds gathered from every rank's part (a collective), else unchanged."""
+        weight = self.layers[name].original if name in self.layers else None
+        if local is None or not distributed.is_dtensor(weight):
             return local
-        rows = distributed.gather_rows(local.reshape(shard.stop - shard.start, -1), shard)
-        return rows.reshape(self._thresholds_shape(name))
+        local_view = local.reshape(self._group_shape(tuple(weight.to_local().shape), name))
+        full = distributed.gather_full(
+            local_view, mesh=weight.device_mesh, placements=weight.placements,
+            shape=self._group_shape(tuple(weight.shape), name),
+        )  # fmt: skip
+        return full.reshape(self._thresholds_shape(name))
 
     def _local_thresholds(self, name: str, full: torch.Tensor | None) -> torch.Tensor | None:
-        shard = self.layers[name].sparsity.shard if name in self.layers else None
-        if shard is None or full is None:
+        weight = self.layers[name].original if name in self.layers else None
+        if full is None or not distributed.is_dtensor(weight):
             return full
-        rows = full.reshape(shard.rows, -1)[shard.start : shard.stop]
-        outer, groups, _, inner = self._thresholds_shape(name)
-        if outer == shard.rows:  # input-channel layout: a row is an outer index
-            return rows.reshape(shard.stop - shard.start, groups, 1, inner).clone()
-        return rows.reshape(1, -1, 1, 1).clone()  # flat layout: a row's groups are consecutive
+        from nm_lightning.masks import group_view
+
+        state, local_shape = self.layers[name].state, tuple(weight.to_local().shape)
+        grouped = full.reshape(self._group_shape(tuple(weight.shape), name))
+        part = distributed.local_part(grouped, mesh=weight.device_mesh, placements=weight.placements)
+        gv = group_view(local_shape, state.layout, state.input_dim)
+        return part.reshape(gv.outer, gv.length // state.m, 1, gv.inner).clone()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != 1:
@@ -304,13 +322,23 @@ class DominoSearchCallback(NMCallback):
                 self._finish(trainer, pl_module, reached=True)
 
     def _reduce(self) -> Any:
-        """The vote-count reduction over the ranks holding the layers' rows (``None`` when nothing is sharded)."""
+        """The vote-count reduction over the ranks holding parts of the layers (``None`` when nothing is sharded).
+
+        Under tensor parallelism a layer outside the plan is whole on every rank: summing its counts over the ranks
+        multiplies both counts by the world size, which leaves the vote fraction exactly unchanged.
+        """
         shards = {layer.sparsity.shard for layer in self.layers.values()}
-        if shards == {None}:
+        if shards != {None}:
+            if None in shards or len({(s.group, s.world) for s in shards if s is not None}) != 1:
+                raise RuntimeError("DominoSearchCallback: all searched layers must be sharded over one process group")
+            return distributed.sum_over(next(s for s in shards if s is not None))
+        placed = [layer.original for layer in self.layers.values() if distributed.is_dtensor(layer.original)]
+        meshes = {w.device_mesh for w in placed}
+        if not meshes:
             return None
-        if None in shards or len({(s.group, s.world) for s in shards if s is not None}) != 1:
-            raise RuntimeError("DominoSearchCallback: all searched layers must be sharded over one process group")
-        return distributed.sum_over(next(s for s in shards if s is not None))
+        if len(meshes) != 1:
+            raise RuntimeError("DominoSearchCallback: all searched layers must be placed on one device mesh")
+        return distributed.sum_over(next(iter(meshes)).get_group())
 
     def metrics(self, step: int) -> dict[str, float]:
         """Search progress at optimizer step ``step`` (logged at every check)."""

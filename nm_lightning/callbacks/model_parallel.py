@@ -1,15 +1,21 @@
-"""What the N:M callbacks need under Lightning's ``ModelParallelStrategy`` (FSDP2): the setup check, checkpoint
-translation between sharded layers and full or sharded files, and the gathered export.
+"""What the N:M callbacks need under Lightning's ``ModelParallelStrategy``: which sharding is used (FSDP2 alone or
+tensor parallelism alone; a 2-D mesh is refused), checkpoint translation between sharded layers and full or
+sharded files, and the gathered export.
 
-The mechanism (attach before ``fully_shard``, masks of local rows, all-gathered bool masks) is
-:mod:`nm_lightning.distributed`; :class:`~nm_lightning.callbacks.base.NMCallback` calls these helpers.
+FSDP2 (``tensor_parallel_size=1``): N:M is attached in the callback's ``setup``, before ``configure_model``
+applies ``fully_shard``, and the row shards are bound after it. Tensor parallelism (``data_parallel_size=1``):
+N:M is attached right after ``configure_model`` applied ``parallelize_module`` (torch's parallel styles cannot
+shard a parametrized layer), on the placed ``DTensor`` weights, whose placements are checked then
+(``RowwiseParallel`` needs per-rank input slices that are multiples of M). The mechanism (masks of each rank's
+part, all-gathered bool masks) is :mod:`nm_lightning.distributed`; :class:`~nm_lightning.callbacks.base.NMCallback`
+calls these helpers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -23,10 +29,10 @@ from nm_lightning.sparsify import SparseLayer
 from nm_lightning.sparsify.state_dict import check_mask, nm_keys
 
 __all__ = [
-    "check_tensor_parallel",
     "export_gathered",
     "is_model_parallel",
     "load_full_into_shards",
+    "model_parallel_mode",
     "sharded_plain_weights",
 ]
 
@@ -36,22 +42,28 @@ def is_model_parallel(strategy: Strategy) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
-def check_tensor_parallel(strategy: ModelParallelStrategy, who: str) -> None:
-    """Refuse a ``ModelParallelStrategy`` whose device mesh has a tensor-parallel dim larger than 1.
+def model_parallel_mode(strategy: ModelParallelStrategy, who: str) -> Literal["fsdp2", "tensor_parallel"]:
+    """Which sharding the callbacks follow under ``ModelParallelStrategy``: ``"fsdp2"`` (``tensor_parallel_size=1``:
+    attach before ``configure_model``, bind row shards after it) or ``"tensor_parallel"`` (``data_parallel_size=1``:
+    attach after ``configure_model``, on the placed weights).
 
-    torch's parallel styles (``ColwiseParallel``, ``RowwiseParallel``) re-register a layer's parameters by name and
-    cannot shard a parametrized layer (its weight lives at ``parametrizations.weight.original``); N:M under
-    ``ModelParallelStrategy`` is FSDP2 only (``tensor_parallel_size=1``).
+    Refuses a 2-D mesh (both sizes above 1): ``fully_shard`` needs the N:M parametrization attached before it,
+    ``parallelize_module`` cannot shard a parametrized layer, and the usual 2-D ``configure_model`` applies both.
     """
     mesh = strategy.device_mesh
     names = mesh.mesh_dim_names or ()
     tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
-    if tp > 1:
-        raise MisconfigurationException(
-            f"{who} supports ModelParallelStrategy with FSDP2 only (data_parallel_size=world size, "
-            f"tensor_parallel_size=1); got a tensor-parallel mesh of size {tp}: parallelize_module cannot shard "
-            "N:M-parametrized layers"
-        )
+    dp = mesh["data_parallel"].size() if "data_parallel" in names else 1
+    if tp == 1:
+        return "fsdp2"
+    if dp == 1:
+        return "tensor_parallel"
+    raise MisconfigurationException(
+        f"{who} supports ModelParallelStrategy with FSDP2 alone (data_parallel_size=world size, "
+        "tensor_parallel_size=1) or tensor parallelism alone (tensor_parallel_size=world size, data_parallel_size=1);"
+        f" got a 2-D mesh with data_parallel_size={dp} and tensor_parallel_size={tp}: N:M must be attached before "
+        "fully_shard but after parallelize_module, and a 2-D configure_model applies parallelize_module first"
+    )
 
 
 def export_gathered(
@@ -87,21 +99,27 @@ class _FullState(torch.nn.Module):
 
 def sharded_plain_weights(layers: Iterable[SparseLayer], sd: Mapping[str, Any]) -> dict[str, Any]:
     """The plain keys of a sharded state dict's N:M layers with their masked weights (``DTensor`` s placed like
-    the originals), computed on each rank's rows without communication; a dynamic mask is recomputed from the
-    current weights, as :func:`~nm_lightning.sparsify.split_state_dict` does."""
+    the originals: FSDP2 rows or a tensor-parallel placement; plain tensors for the layers a tensor-parallel plan
+    leaves whole), computed on each rank's part without
+    communication; a dynamic mask is recomputed from the current weights, as
+    :func:`~nm_lightning.sparsify.split_state_dict` does."""
     from torch.distributed.tensor import DTensor
 
     out: dict[str, Any] = {}
     for layer in layers:
         keys = nm_keys(layer.fqn)
         original = sd.get(keys.original)
-        if not distributed.is_dtensor(original):
+        if not isinstance(original, torch.Tensor):
             continue
         state = layer.state
+        if not distributed.is_dtensor(original):  # a layer outside the tensor-parallel plan: whole on every rank
+            mask = sd[keys.mask] if state.frozen else nm_mask(original, state.n, state.m, state.layout,
+                                                               input_dim=state.input_dim)  # fmt: skip
+            out[layer.fqn] = torch.where(mask.to(original.device), original, original.new_zeros(()))
+            continue
         local = original.to_local()
-        shard = distributed.row_shard(original)
         mask = (
-            distributed.local_rows(sd[keys.mask], shard).to(local.device)
+            distributed.local_part(sd[keys.mask], original).to(local.device)
             if state.frozen
             else nm_mask(local, state.n, state.m, state.layout, input_dim=state.input_dim)
         )
@@ -114,8 +132,8 @@ def sharded_plain_weights(layers: Iterable[SparseLayer], sd: Mapping[str, Any]) 
 
 
 def load_full_into_shards(layers: Iterable[SparseLayer], saved: Mapping[str, Any]) -> None:
-    """Load full-file N:M entries (dense weight, mask, state) into possibly FSDP2-sharded layers: each rank copies
-    its own rows; the mask is checked against the state first."""
+    """Load full-file N:M entries (dense weight, mask, state) into possibly sharded layers (FSDP2 rows, tensor
+    parallel placements): each rank copies its own part; the mask is checked against the state first."""
     with torch.no_grad():
         for layer in layers:
             keys = nm_keys(layer.fqn)
@@ -124,5 +142,4 @@ def load_full_into_shards(layers: Iterable[SparseLayer], saved: Mapping[str, Any
             check_mask(mask, layer.state)
             layer.sparsity.mask.copy_(mask)
             original = layer.original
-            shard = distributed.row_shard(original)
-            distributed.local_view(original).copy_(distributed.local_rows(saved[keys.original], shard))
+            distributed.local_view(original).copy_(distributed.local_part(saved[keys.original], original))

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from nm_lightning.callbacks.base import NMCallback, export_gathered, selection_args
 from nm_lightning.callbacks.calibration import one_shot_at_fit_start
-from nm_lightning.distributed import decay_operands, local_rows, local_view
+from nm_lightning.distributed import decay_operands, is_dtensor, local_part, local_view
 from nm_lightning.export.artifacts import FORMATS, check_formats
 from nm_lightning.masks import validate_nm
 from nm_lightning.metrics import mask_flips, nonzero_count
@@ -91,7 +91,8 @@ class SRSTECallback(NMCallback):
             The model is called as ``pl_module(input)`` (``*input`` for a tuple, ``**input`` for a dict).
         recompute_masked: between forward and backward keep only the bool mask (1 byte per weight) instead
             of the 4-byte masked weight, and rebuild it exactly in backward (saved-tensor hooks active
-            during each training batch).
+            during each training batch). Layers placed by tensor parallelism keep their masked weight (autograd
+            saves it as a ``DTensor``, which the hooks leave as is): the saving applies to the other layers.
         recipe: ``"srste"`` (N:M from the start) or ``"step"`` (STEP, for Adam/AdamW: dense until the switch,
             then N:M with the N:M weights' Adam second moment frozen; :mod:`nm_lightning.optim`).
         switch_at: with ``recipe="step"``: an optimizer step (>= 1), a fraction of the budget in (0, 1),
@@ -355,7 +356,7 @@ class SRSTECallback(NMCallback):
         with torch.no_grad():
             for layer in self.layers.values():
                 if layer.sparsity.frozen:  # whatever the optimizer did, pruned weights stay exactly zero
-                    mask = local_rows(layer.sparsity.mask, layer.sparsity.shard)
+                    mask = local_part(layer.sparsity.mask, layer.original)
                     local_view(layer.original).masked_fill_(~mask, 0)
         if self._first_masks is None:
             self._first_masks = {k: v.sparsity.mask.detach().cpu().clone() for k, v in self.layers.items()}
@@ -377,8 +378,8 @@ class SRSTECallback(NMCallback):
         flips = {"flip_rate": 0, "flip_rate_since_start": 0}
         for name, layer in self.layers.items():
             mask = layer.sparsity.mask.detach().cpu()
-            # a sharded weight's other rows live on other ranks: count the kept entries of the replicated mask
-            sharded = layer.sparsity.shard is not None
+            # a sharded weight's other parts live on other ranks: count the kept entries of the replicated mask
+            sharded = layer.sparsity.shard is not None or is_dtensor(layer.original)
             layer_nnz = int(mask.sum()) if sharded else nonzero_count(layer.original.detach().cpu(), mask)
             numel = mask.numel()
             nnz, total = nnz + layer_nnz, total + numel

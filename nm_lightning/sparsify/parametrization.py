@@ -30,6 +30,7 @@ __all__ = [
     "SparseLayer",
     "attach_state",
     "bind_shards",
+    "bind_tensor_parallel",
     "detach",
     "freeze_layers",
     "get_param",
@@ -56,6 +57,8 @@ class NMSparsity(nn.Module):
         self.mask: torch.Tensor
         # set by bind_shards once FSDP2 shards the weight's rows: the forward then masks the local rows only
         self.shard: distributed.RowShard | None = None
+        # set by bind_tensor_parallel once a parallel style placed the weight: the forward then receives the DTensor
+        self.tensor_parallel = False
 
     # read-only views of the state (the state is the one owner)
     n = property(lambda self: self.state.n, doc="current N (``state.n``)")
@@ -71,13 +74,13 @@ class NMSparsity(nn.Module):
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The N:M mask of ``weight`` at the current N (ignores the stored mask).
 
-        ``weight`` may be the FSDP2-sharded ``original`` (a ``DTensor``): then every rank computes its own rows and
-        the mask is all-gathered, so every rank must call it (a collective).
+        ``weight`` may be the sharded ``original`` (a ``DTensor``: FSDP2 rows, a tensor-parallel placement): then
+        every rank computes the mask of its own part and the mask is all-gathered, so every rank must call it (a
+        collective).
         """
         s = self.state
-        if self.shard is not None and distributed.is_dtensor(weight):
-            local = nm_mask(distributed.local_view(weight), s.n, s.m, s.layout, input_dim=s.input_dim)
-            return distributed.gather_rows(local, self.shard)
+        if distributed.is_dtensor(weight):
+            return distributed.placed_mask(weight, s)[0]
         return nm_mask(weight, s.n, s.m, s.layout, input_dim=s.input_dim)
 
     def current_mask(self, weight: torch.Tensor) -> torch.Tensor:
@@ -89,10 +92,13 @@ class NMSparsity(nn.Module):
         if self.shard is not None:
             return self._sharded_forward(weight)
         if distributed.is_dtensor(weight):
-            raise distributed.ShardingError(
-                f"layer {s.name!r}: the N:M parametrization received a sharded weight that is not bound to its "
-                "shards; under FSDP2 attach N:M before fully_shard and call bind_shards(model) after it"
-            )
+            if not self.tensor_parallel:
+                raise distributed.ShardingError(
+                    f"layer {s.name!r}: the N:M parametrization received a sharded weight that is not bound to its "
+                    "shards; under FSDP2 attach N:M before fully_shard and call bind_shards(model) after it; under "
+                    "tensor parallelism attach after parallelize_module and call bind_tensor_parallel(model)"
+                )
+            return self._placed_forward(weight)
         if s.frozen:  # pruned weights are +0 here, so W ⊙ E can be rebuilt exactly in backward
             out, mask = fixed_mask(weight, self.mask), self.mask
         elif s.straight_through:
@@ -123,15 +129,29 @@ class NMSparsity(nn.Module):
             self.mask.copy_(mask)
         return out
 
+    def _placed_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """The forward under tensor parallelism: ``weight`` is the placed ``DTensor``; the local shard is masked here
+        and ``W ⊙ E`` keeps its placement; the full bool mask is all-gathered for the record."""
+        s = self.state
+        if s.frozen:
+            mask, local = self.mask, distributed.local_part(self.mask, weight)
+        else:
+            mask, local = distributed.placed_mask(weight, s)
+        # no tag_masked_weight: autograd saves the DTensor, which the recompute hooks cannot rebuild
+        out = distributed.placed_masked(weight, local, straight_through=s.straight_through and not s.frozen)
+        if self.training and not s.frozen:
+            self.mask.copy_(mask)
+        return out
+
     @torch.no_grad()
     def freeze(self, weight: torch.Tensor) -> torch.Tensor:
         """Fix the mask to the current one and zero the pruned entries of ``weight`` in place.
 
-        Under FSDP2 (``weight`` the sharded ``original``) every rank must call it (the mask is all-gathered).
+        Sharded (``weight`` the ``DTensor`` ``original``) every rank must call it (the mask is all-gathered).
         """
         if not self.state.frozen:
             self.mask.copy_(self.compute_mask(weight))
-            local, mask = distributed.local_view(weight), distributed.local_rows(self.mask, self.shard)
+            local, mask = distributed.local_view(weight), distributed.local_part(self.mask, weight)
             local.masked_fill_(~mask, 0)
             self.state.frozen = True
         return self.mask
@@ -194,10 +214,16 @@ class SparseLayer:
         return getattr(self.module.parametrizations, self.param_name).original
 
     def effective(self) -> torch.Tensor:
-        """The weight the model computes with, without side effects on the recorded mask."""
+        """The weight the model computes with, without side effects on the recorded mask.
+
+        A sharded weight (a ``DTensor``) is gathered: the full tensor on every rank, a collective.
+        """
         with torch.no_grad():
             w = self.original
-            return torch.where(self.sparsity.current_mask(w), w, w.new_zeros(()))
+            mask = self.sparsity.current_mask(w)
+            if distributed.is_dtensor(w):
+                w = w.full_tensor()
+            return torch.where(mask, w, w.new_zeros(()))
 
 
 def get_param(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -265,11 +291,10 @@ def freeze_layers(layers: Iterable[SparseLayer], optimizers: Iterable[torch.opti
         if layer.sparsity.frozen:
             continue
         mask = layer.sparsity.freeze(layer.original)
-        local_mask = distributed.local_rows(mask, layer.sparsity.shard)
         for opt in optimizers:
             for value in opt.state.get(layer.original, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                    distributed.local_view(value).masked_fill_(~local_mask, 0)
+                    distributed.local_view(value).masked_fill_(~distributed.local_part(mask, value), 0)
 
 
 def detach(model: nn.Module, owner: str | None = None) -> list[str]:
@@ -289,7 +314,7 @@ def bind_shards(model: nn.Module) -> dict[str, distributed.RowShard | None]:
     weight, so its forward masks only this rank's rows; returns them by layer name (``None``: not sharded).
 
     Raises :class:`~nm_lightning.distributed.ShardingError` naming the layer when a weight is sharded so that N:M
-    groups would straddle ranks, or sharded by tensor parallelism alone (only the setup check is supported there).
+    groups would straddle ranks, or placed outside FSDP2 (tensor parallelism: :func:`bind_tensor_parallel`).
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -309,3 +334,28 @@ def bind_shards(model: nn.Module) -> dict[str, distributed.RowShard | None]:
         layer.sparsity.shard = shard
         out[name] = shard
     return out
+
+
+def bind_tensor_parallel(model: nn.Module) -> list[str]:
+    """After ``parallelize_module`` *and* attaching N:M (tensor parallelism, no FSDP2): check every N:M weight's
+    placement and mark the placed ones, so their forward masks the local shard of the ``DTensor``; returns the
+    names of the placed layers.
+
+    Raises :class:`~nm_lightning.distributed.ShardingError` naming the layer when a placement would split N:M
+    groups across ranks (``RowwiseParallel`` with a per-rank input slice that is not a multiple of M), or when a
+    weight is placed on a mesh with more than one dim.
+    """
+    placed = []
+    for name, layer in sparse_layers(model).items():
+        weight = layer.original
+        if not distributed.is_dtensor(weight):
+            continue
+        if weight.device_mesh.ndim != 1:
+            raise distributed.ShardingError(
+                f"layer {name!r}: weight placed on a {weight.device_mesh.ndim}-D mesh {tuple(weight.placements)}; N:M "
+                "tensor parallelism supports a 1-D tensor-parallel mesh (data_parallel_size=1)"
+            )
+        distributed.check_placements(layer.state, weight)
+        layer.sparsity.tensor_parallel = True
+        placed.append(name)
+    return placed
