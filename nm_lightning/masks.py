@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -256,7 +256,29 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Differentiable: the gradient is masked too (``torch.where``). ``weight * mask`` would instead turn a
     pruned negative weight into ``-0.0``, and ``+ 0.0`` on top would turn a kept ``-0.0`` into ``+0.0``.
     """
+    if not torch.compiler.is_compiling() and _native.supports_apply(weight, mask):
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return _ApplyMask.apply(weight, mask)
+        return _native.apply_mask(weight, mask)
     return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+class _ApplyMask(torch.autograd.Function):
+    """:func:`apply_mask` on CPU through the native one-pass kernel; the gradient is masked the same way (what
+    ``torch.where``'s backward gives: the gradient where kept, ``+0`` elsewhere)."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _native.apply_mask(weight, mask)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return apply_mask(grad, mask), None
 
 
 def nm_masked(

@@ -256,3 +256,33 @@ def test_without_a_compiler_it_warns_and_falls_back(how, monkeypatch, tmp_path):
     assert any(expected in str(r.message) for r in rec), [str(r.message) for r in rec]
     assert not _native.available()
     assert torch.equal(mask, _fallback_mask(w, 2, 4))
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_native_apply_mask_is_torch_where_bit_for_bit_with_its_gradient(dtype):
+    """The one-pass native ``W ⊙ E`` (used by the fixed-mask forward and the backward rebuild) gives the bits of
+    ``torch.where(mask, w, +0)``: kept -0.0 stays -0.0, pruned negatives become +0.0; its gradient is masked the
+    same way."""
+    from nm_lightning.masks import apply_mask
+
+    assert _native.available()
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    w = torch.randn(300, 40).to(dtype)
+    w[0, :8] = -0.0
+    mask = torch.rand(300, 40) > 0.5
+    mask[0, :4] = True
+    ref = torch.where(mask, w, torch.zeros((), dtype=dtype))
+    out = apply_mask(w, mask)
+    assert _native.supports_apply(w, mask) and out.is_contiguous()
+    assert torch.equal(out.view(ints), ref.view(ints))
+    assert torch.signbit(out[0, :4]).all() and not torch.signbit(out[~mask]).any()
+    grad = torch.randn(300, 40).to(dtype)
+    ours, theirs = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    apply_mask(ours, mask).backward(grad)
+    torch.where(mask, theirs, torch.zeros((), dtype=dtype)).backward(grad)
+    assert torch.equal(ours.grad.view(ints), theirs.grad.view(ints))
+    # a non-contiguous weight takes torch.where, with the same bits
+    t = w.t()
+    assert not _native.supports_apply(t, mask.t())
+    assert torch.equal(apply_mask(t, mask.t()).contiguous().view(ints), ref.t().contiguous().view(ints))

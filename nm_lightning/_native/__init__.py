@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "supports", "nm_mask", "supports_decay", "add_decay_", "reset"]
+__all__ = ["available", "supports", "nm_mask", "supports_decay", "add_decay_", "supports_apply", "apply_mask", "reset"]
 
 _SOURCE = Path(__file__).with_name("nm_kernel.c")
 _ENV_NATIVE = "NM_LIGHTNING_NATIVE"
@@ -77,6 +77,12 @@ _DTYPES: dict[torch.dtype, tuple[str, type, int, int]] = {
 _DECAY: dict[torch.dtype, tuple[str, type]] = {
     torch.float32: ("nm_decay_f32", ctypes.c_float),
     torch.float64: ("nm_decay_f64", ctypes.c_double),
+}
+_APPLY: dict[torch.dtype, str] = {
+    torch.float16: "nm_apply_u16",
+    torch.bfloat16: "nm_apply_u16",
+    torch.float32: "nm_apply_u32",
+    torch.float64: "nm_apply_u64",
 }
 _MAX_M = 256  # NM_MAX_M in the C source
 _MIN_LANES_PER_THREAD = 4096
@@ -94,6 +100,8 @@ def _symbols() -> dict[str, tuple[Any, list[Any]]]:
         out[name] = (ctypes.c_int64, [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctype, ctype])
     for name, ctype in _DECAY.values():
         out[name] = (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctype])
+    for name in set(_APPLY.values()):
+        out[name] = (None, [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2)
     return out
 
 
@@ -514,3 +522,29 @@ def add_decay_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, dec
     fn = getattr(lib, name)
     ptrs = (grad.data_ptr(), weight.data_ptr(), mask.data_ptr())
     _run(fn, grad.numel(), 1 << 18, lambda b, e: (*ptrs, b, e, ctype(decay)))
+
+
+def supports_apply(weight: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether :func:`apply_mask` can run natively (a contiguous CPU float tensor and a bool mask of its shape)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in _APPLY
+        and mask.device.type == "cpu"
+        and mask.dtype == torch.bool
+        and weight.shape == mask.shape
+        and weight.is_contiguous()
+        and mask.is_contiguous()
+        and available()
+    )
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``weight`` where ``mask``, ``+0.0`` elsewhere (kept bits exact), in one pass (no autograd)."""
+    lib = _get_lib()
+    assert lib is not None
+    fn = getattr(lib, _APPLY[weight.dtype])
+    w = weight.detach()
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    ptrs = (w.data_ptr(), mask.data_ptr(), out.data_ptr())
+    _run(fn, w.numel(), 1 << 18, lambda b, e: (*ptrs, b, e))
+    return out
