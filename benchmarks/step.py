@@ -59,34 +59,55 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def arm_callbacks(task: dict[str, Any], **selection: Any) -> list[Any]:
+    """The callbacks of one arm (``task["kind"]``: dense, srste, warmup, step), with ``n``, ``m``, ``c`` (λ = c /
+    (lr · steps)), ``start`` (warmup) and ``switch_at`` (step) from the task; ``selection`` goes to the callback."""
+    from nm_lightning import SparsityScheduler, SRSTECallback
+
+    kind, n, m, c = task["kind"], task.get("n"), task.get("m"), task.get("c", 0.0)
+    common = {"verbose": False, "log_layers": False, **selection}
+    if kind == "dense":
+        return []
+    if kind == "srste":
+        return [SRSTECallback(n, m, decay_c=c, **common)]
+    if kind == "warmup":
+        return [SRSTECallback(n, m, decay_c=c, **common), SparsityScheduler("constant", start=task["start"],
+                                                                             plot=False)]  # fmt: skip
+    if kind == "step":
+        return [SRSTECallback(n, m, decay_c=c, recipe="step", switch_at=task["switch_at"], **common)]
+    raise ValueError(f"unknown arm kind {kind!r}")
+
+
+def arm_record(task: dict[str, Any], callbacks: list[Any]) -> dict[str, Any]:
+    """What an arm's run reports besides its metrics: λ, and for STEP the switch step and AutoSwitch's history."""
+    out: dict[str, Any] = {}
+    if callbacks and task["kind"] == "step":
+        recipe = callbacks[0]._step
+        out["switch_step"] = recipe.switch_step
+        if recipe.auto is not None:
+            out["variance_change"] = [[s, round(r, 4)] for s, r in recipe.auto.history]
+    if callbacks:
+        out["lambda"] = callbacks[0].decay
+    return out
+
+
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """One arm on one seed, in a worker process."""
     _quiet()
     import lightning.pytorch as pl
 
-    from nm_lightning import SparsityScheduler, SRSTECallback
     from nm_lightning.data import MNIST1DDataModule
     from nm_lightning.models import Classifier, transformer
 
-    cfg, kind, seed = task["cfg"], task["kind"], task["seed"]
+    cfg, seed = task["cfg"], task["seed"]
     start = time.perf_counter()
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = MNIST1DDataModule(data_dir=str(Path(cfg["workdir"]) / "data"), num_samples=cfg["num_samples"],
                            batch_size=cfg["batch_size"])  # fmt: skip
     model = Classifier(net=transformer(**cfg["model"]), optimizer="adamw", lr=LR, weight_decay=WD,
                        warmup_steps=WARMUP)  # fmt: skip
-    n, m, c = task.get("n"), task.get("m"), task.get("c", 0.0)
-    common = {"verbose": False, "log_layers": False}
-    callbacks: list[Any] = []
-    if kind == "srste":
-        callbacks = [SRSTECallback(n, m, decay_c=c, **common)]
-    elif kind == "warmup":
-        callbacks = [SRSTECallback(n, m, decay_c=c, **common), SparsityScheduler("constant", start=task["start"],
-                                                                                  plot=False)]  # fmt: skip
-    elif kind == "step":
-        callbacks = [SRSTECallback(n, m, decay_c=c, recipe="step", switch_at=task["switch_at"], **common)]
-    elif kind != "dense":
-        raise ValueError(kind)
+    c = task.get("c", 0.0)
+    callbacks = arm_callbacks(task)
     trainer = pl.Trainer(
         default_root_dir=str(Path(cfg["workdir"]) / "runs"), max_epochs=cfg["epochs"], callbacks=callbacks,
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -95,13 +116,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(model, datamodule=dm)
     out: dict[str, Any] = {"arm": task["arm"], "pattern": task.get("pattern", "dense"), "seed": seed, "c": c,
                            "steps": int(trainer.global_step)}  # fmt: skip
-    if callbacks and kind == "step":
-        step = callbacks[0]._step
-        out["switch_step"] = step.switch_step
-        if step.auto is not None:
-            out["variance_change"] = [[s, round(r, 4)] for s, r in step.auto.history]
-    if callbacks:
-        out["lambda"] = callbacks[0].decay
+    out.update(arm_record(task, callbacks))
     ev = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     out["val_acc"] = float(ev.validate(model, datamodule=dm, verbose=False)[0]["val/acc"])
     out["test_acc"] = float(ev.test(model, datamodule=dm, verbose=False)[0]["test/acc"])

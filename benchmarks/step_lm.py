@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE))  # the sibling benchmark modules (also in the spaw
 sys.path.insert(0, str(HERE.parent))  # this checkout's package
 
 import lm  # noqa: E402
-from step import PATTERNS, SWITCH, _quiet, _task, run_all  # noqa: E402
+from step import PATTERNS, SWITCH, _quiet, _task, arm_callbacks, arm_record, run_all  # noqa: E402
 
 ARMS = ["STE", "SR-STE (λ val)", "warm-up + SR-STE", "STEP fixed", "STEP fixed λ=0", "STEP auto"]
 STEP_ARMS = ["STEP fixed", "STEP fixed λ=0", "STEP auto"]
@@ -91,9 +91,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
-    from nm_lightning import SparsityScheduler, SRSTECallback
 
-    cfg, kind, seed = task["cfg"], task["kind"], task["seed"]
+    cfg, seed = task["cfg"], task["seed"]
     data = corpus(cfg)
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -103,17 +102,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     lit = lm.lit_lm(copy.deepcopy(template).train(), windows, cfg["lr"], cfg["steps"], cfg["batch"], cfg["warmup"],
                     cfg["weight_decay"])  # fmt: skip
     n, m, c = task.get("n"), task.get("m"), task.get("c", 0.0)
-    common = {"verbose": False, "log_layers": False, "exclude": ["*lm_head"]}
-    callbacks: list[Any] = []
-    if kind == "srste":
-        callbacks = [SRSTECallback(n, m, decay_c=c, **common)]
-    elif kind == "warmup":
-        callbacks = [SRSTECallback(n, m, decay_c=c, **common), SparsityScheduler("constant", start=task["start"],
-                                                                                  plot=False)]  # fmt: skip
-    elif kind == "step":
-        callbacks = [SRSTECallback(n, m, decay_c=c, recipe="step", switch_at=task["switch_at"], **common)]
-    elif kind != "dense":
-        raise ValueError(kind)
+    callbacks = arm_callbacks(task, exclude=["*lm_head"])
     trainer = pl.Trainer(
         default_root_dir=str(Path(cfg["workdir"]) / "runs"), max_steps=cfg["steps"], callbacks=callbacks,
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -123,13 +112,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(lit)
     out: dict[str, Any] = {"arm": task["arm"], "pattern": task.get("pattern", "dense"), "seed": seed, "c": c,
                            "steps": int(trainer.global_step)}  # fmt: skip
-    if callbacks and kind == "step":
-        recipe = callbacks[0]._step
-        out["switch_step"] = recipe.switch_step
-        if recipe.auto is not None:
-            out["variance_change"] = [[s, round(r, 4)] for s, r in recipe.auto.history]
-    if callbacks:
-        out["lambda"] = callbacks[0].decay
+    out.update(arm_record(task, callbacks))
     net = lm.plain_copy(template, lit)
     if n is not None:
         lm.check_nm(net, n, m)  # the evaluated model is exactly N:M (every block Linear)
