@@ -28,7 +28,8 @@ from nm_lightning.state import NMLayerState
 
 __all__ = [
     "AutoSwitch",
-    "FrozenSecondMoment",    "DominoSearchCallback",
+    "DominoSearchCallback",
+    "FrozenSecondMoment",
     "MaskFlipRate",
     "NMLayerState",
     "NMScheme",

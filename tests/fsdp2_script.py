@@ -192,6 +192,27 @@ def _rowwise_check(devices: int) -> str:
     return "\n".join(messages)
 
 
+def _attach_after_fully_shard(devices: int) -> str:
+    """The wrong order, by hand: N:M attached after ``fully_shard`` would mask the sharded weight; it is refused
+    naming the layer and the right order (the callbacks attach before ``fully_shard``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from nm_lightning import attach, plan_layers
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    mesh = init_device_mesh("cpu", (devices,))
+    for layer in net:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    try:
+        attach(net, plan_layers(net, 2, 4))
+        net(torch.randn(2, 8))
+        return "attach_after: no error"
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        return f"attach_after: {type(err).__name__}: {err}"
+
+
 def _placed_numerics(out: Path, devices: int) -> None:
     """The tensor-parallel forward on each placement equals the unsharded ``ste_nm`` bit for bit (``+0.0`` where
     pruned, a kept ``-0.0`` stays ``-0.0``), with the straight-through gradient, or the kept-only gradient of the
@@ -275,6 +296,7 @@ def _errors(out: Path, devices: int) -> None:
         except Exception as err:  # noqa: BLE001 - the message is the result
             messages.append(f"{name}: {type(err).__name__}: {err}")
     messages.append(_rowwise_check(devices))
+    messages.append(_attach_after_fully_shard(devices))
     messages.append(_other_configuration(out, devices))
     (out / f"errors_rank{trainer.global_rank}.txt").write_text("\n".join(messages) + "\n")
 

@@ -282,8 +282,11 @@ def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
         assert lines[2].startswith("rowwise_m4: layer 'fc2'") and "slices of 14, not a multiple of m=4" in lines[2]
         assert lines[3] == "rowwise_m2: no error"
         # a sharded folder written with 1:4, resumed with 2:4 (the folder's states are checked after loading)
-        assert lines[4].startswith("other_configuration: SRSTECallback: the checkpoint's N:M state does not match: ")
-        assert "conv1: 1:4 in the checkpoint, 2:4 here" in lines[4]
+        # attached by hand after fully_shard: refused naming the layer and the order the callbacks use
+        assert lines[4].startswith("attach_after: ShardingError: layer '0'"), lines[4]
+        assert "attach N:M before fully_shard" in lines[4]
+        assert lines[5].startswith("other_configuration: SRSTECallback: the checkpoint's N:M state does not match: ")
+        assert "conv1: 1:4 in the checkpoint, 2:4 here" in lines[5]
 
 
 def test_fsdp2_sim_trainer_config(compose_train):
