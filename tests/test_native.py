@@ -286,3 +286,41 @@ def test_native_apply_mask_is_torch_where_bit_for_bit_with_its_gradient(dtype):
     t = w.t()
     assert not _native.supports_apply(t, mask.t())
     assert torch.equal(apply_mask(t, mask.t()).contiguous().view(ints), ref.t().contiguous().view(ints))
+
+
+@needs_cc
+@pytest.mark.parametrize("flags", ["native", "portable"])
+def test_m4_kernels_agree_with_the_fallback_bit_for_bit(flags, monkeypatch):
+    """m = 4 has a SIMD path (AVX-512 when the compiler targets it with -march=native) and the portable
+    straight-line code (the other flag set): both give the fallback's masks and masked weights, bit for bit,
+    for every n, with many ties and signed zeros, groups of consecutive values (inner == 1) and conv blocks
+    (inner > 1), thread splits in the middle of a row, and NaN/Inf counted exactly."""
+    from nm_lightning.masks import _mask_generic, group_view
+
+    if flags == "portable":
+        monkeypatch.setattr(_native, "_FLAG_SETS", (["-O3", "-fPIC", "-shared"],))
+    _native.reset()
+    assert _native.available()
+    gen = torch.Generator().manual_seed(0)
+    before = torch.get_num_threads()
+    shapes = [(64, 4 * 37), (3, 4 * 1234, 1), (8, 4 * 5, 3, 3), (777, 12, 9), (16, 8, 19), (4, 4, 5, 7)]
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for k, shape in enumerate(shapes):
+            w = torch.randn(shape, generator=gen)
+            if k % 2:  # ties everywhere, and both zeros
+                w = torch.randint(-3, 4, shape, generator=gen).float()
+                w[w == 0] = -0.0
+                w.view(-1)[::7] = 0.0
+            gv = group_view(w.shape, "input_channel")
+            for n in (1, 2, 3):
+                masked, mask = nm_masked(w, n, 4)
+                ref = _mask_generic(w, n, 4, gv)
+                assert torch.equal(mask, ref), (flags, shape, n, threads)
+                expected = torch.where(ref, w, torch.zeros(()))
+                assert torch.equal(masked.view(torch.int32), expected.view(torch.int32)), (flags, shape, n)
+    torch.set_num_threads(before)
+    w = torch.randn(64, 64, generator=gen)
+    w[3, 5], w[10, 7], w[63, 63] = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(ValueError, match="contains 3 NaN/Inf"):
+        nm_mask(w, 2, 4)

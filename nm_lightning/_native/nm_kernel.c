@@ -171,11 +171,98 @@ static inline __attribute__((always_inline)) int64_t nm_rank_body_##SUF##_##M(  
     }                                                                                                \
     return nonfinite;                                                                                \
 }                                                                                                    \
-static int64_t nm_rank_##SUF##_##M(const T *w, uint8_t *out, T *wout, int64_t lane_begin,            \
+static __attribute__((unused)) int64_t nm_rank_##SUF##_##M(const T *w, uint8_t *out, T *wout,        \
+                                   int64_t lane_begin,                                               \
                                    int64_t lane_end, int64_t inner, int64_t n, T absmask, T expmask) { \
     if (wout) return nm_rank_body_##SUF##_##M(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask, 1); \
     return nm_rank_body_##SUF##_##M(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask, 0); \
 }
+
+
+/* 2:4-style groups (m = 4, any n) of 32-bit values with AVX-512 (F, BW, VL), when the compiler targets it
+ * (-march=native on such a CPU); the same masks, bit for bit, as the portable code below.
+ * inner == 1: a 512-bit register holds four whole groups (one per 128-bit lane); each element is compared
+ * with the three others by rotating within the lanes, the tie rule (the lower index wins) picked per
+ * position. inner > 1: the m rows of a group block are contiguous runs; 16 lanes at a time, compared
+ * vertically. "kept" = fewer than n of the three comparisons beat the element, as mask-register logic. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+static inline __mmask16 nm_keep3(__mmask16 a, __mmask16 b, __mmask16 c, int64_t n) {
+    if (n == 1) return (__mmask16)~(a | b | c);
+    if (n == 2) return (__mmask16)~((a & b) | (c & (a | b)));
+    return (__mmask16)~(a & b & c);
+}
+static inline __mmask16 nm_beats(__m512i other, __m512i v, __mmask16 lower) {
+    /* other beats v: other > v, or other == v where other's index is the lower one */
+    return (__mmask16)((_mm512_cmpgt_epi32_mask(other, v) & (__mmask16)~lower) |
+                       (_mm512_cmpge_epi32_mask(other, v) & lower));
+}
+static inline int64_t nm_block4(const uint32_t *src, uint8_t *dst, uint32_t *wdst, __mmask16 lm, int64_t n,
+                                __m512i am, __m512i em) {
+    const __m512i raw = _mm512_maskz_loadu_epi32(lm, src);
+    const int64_t bad = __builtin_popcount(_mm512_mask_cmpeq_epi32_mask(lm, _mm512_and_si512(raw, em), em));
+    const __m512i v = _mm512_and_si512(raw, am);
+    const __mmask16 a = nm_beats(_mm512_shuffle_epi32(v, _MM_PERM_ADCB), v, (__mmask16)0x8888);
+    const __mmask16 b = nm_beats(_mm512_shuffle_epi32(v, _MM_PERM_BADC), v, (__mmask16)0xCCCC);
+    const __mmask16 c = nm_beats(_mm512_shuffle_epi32(v, _MM_PERM_CBAD), v, (__mmask16)0xEEEE);
+    const __mmask16 keep = nm_keep3(a, b, c, n);
+    _mm_mask_storeu_epi8(dst, lm, _mm_maskz_set1_epi8(keep, 1));
+    if (wdst) _mm512_mask_storeu_epi32(wdst, lm, _mm512_maskz_mov_epi32(keep, raw));
+    return bad;
+}
+static int64_t nm_rank4_avx512_u32(const uint32_t *w, uint8_t *out, uint32_t *wout, int64_t lane_begin,
+                                   int64_t lane_end, int64_t inner, int64_t n, uint32_t absmask,
+                                   uint32_t expmask) {
+    const __m512i am = _mm512_set1_epi32((int)absmask), em = _mm512_set1_epi32((int)expmask);
+    int64_t nonfinite = 0;
+    if (inner == 1) {
+        int64_t e = lane_begin * 4;
+        const int64_t end = lane_end * 4;
+        for (; e + 16 <= end; e += 16)
+            nonfinite += nm_block4(w + e, out + e, wout ? wout + e : 0, (__mmask16)0xFFFF, n, am, em);
+        if (e < end)
+            nonfinite += nm_block4(w + e, out + e, wout ? wout + e : 0, (__mmask16)((1u << (end - e)) - 1u), n,
+                                   am, em);
+        return nonfinite;
+    }
+    int64_t row = lane_begin / inner, c = lane_begin % inner, left = lane_end - lane_begin;
+    while (left > 0) {
+        const int64_t cend = (inner - c) < left ? inner : c + left;
+        const uint32_t *src = w + row * 4 * inner;
+        uint8_t *dst = out + row * 4 * inner;
+        uint32_t *wdst = wout ? wout + row * 4 * inner : 0;
+        for (int64_t x = c; x < cend; x += 16) {
+            const __mmask16 lm = (cend - x) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cend - x)) - 1u);
+            __m512i raw[4], v[4];
+            for (int j = 0; j < 4; ++j) {
+                raw[j] = _mm512_maskz_loadu_epi32(lm, src + j * inner + x);
+                nonfinite += __builtin_popcount(_mm512_mask_cmpeq_epi32_mask(lm, _mm512_and_si512(raw[j], em), em));
+                v[j] = _mm512_and_si512(raw[j], am);
+            }
+            for (int i = 0; i < 4; ++i) {
+                __mmask16 beat[3];
+                int k = 0;
+                for (int j = 0; j < 4; ++j) {
+                    if (j == i) continue;
+                    beat[k++] = j < i ? _mm512_cmpge_epi32_mask(v[j], v[i]) : _mm512_cmpgt_epi32_mask(v[j], v[i]);
+                }
+                const __mmask16 keep = nm_keep3(beat[0], beat[1], beat[2], n);
+                _mm_mask_storeu_epi8(dst + i * inner + x, lm, _mm_maskz_set1_epi8(keep, 1));
+                if (wdst) _mm512_mask_storeu_epi32(wdst + i * inner + x, lm, _mm512_maskz_mov_epi32(keep, raw[i]));
+            }
+        }
+        left -= cend - c;
+        c = 0;
+        ++row;
+    }
+    return nonfinite;
+}
+#define NM_RANK4_u32 nm_rank4_avx512_u32
+#else
+#define NM_RANK4_u32 nm_rank_u32_4
+#endif
+#define NM_RANK4_u16 nm_rank_u16_4
+#define NM_RANK4_u64 nm_rank_u64_4
 
 #define NM_ENTRY(SUF, T, S)                                                                          \
 NM_RANK(T, S, 2, SUF)                                                                                \
@@ -186,7 +273,7 @@ int64_t nm_mask_##SUF(const T *w, uint8_t *out, T *wout, int64_t lane_begin, int
                       int64_t inner, int64_t n, int64_t m, T absmask, T expmask) {                   \
     switch (m) {                                                                                     \
     case 2: return nm_rank_##SUF##_2(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
-    case 4: return nm_rank_##SUF##_4(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
+    case 4: return NM_RANK4_##SUF(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask);  \
     case 8: return nm_rank_##SUF##_8(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
     case 16: return nm_rank_##SUF##_16(w, out, wout, lane_begin, lane_end, inner, n, absmask, expmask); \
     default: return nm_generic_##SUF(w, out, wout, lane_begin, lane_end, inner, n, m, absmask, expmask); \
