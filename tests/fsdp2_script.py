@@ -14,6 +14,7 @@ N:M; files of the callbacks go under ``OUT_DIR/<run>``.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -274,6 +275,41 @@ def _other_configuration(out: Path, devices: int) -> str:
     return "other_configuration: no error"
 
 
+class _Payload:
+    """Pickled, it would create ``marker`` when unpickled (what a crafted checkpoint would run)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def _malicious_folder(out: Path, devices: int) -> str:
+    """A copy of a real sharded folder whose ``.metadata`` is a pickle with code: refused on every rank before
+    torch.distributed.checkpoint unpickles it (the marker is never created)."""
+    import pickle
+    import shutil
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    evil = out / f"evil_rank{rank}.ckpt"
+    shutil.copytree(out / "one_of_four.ckpt", evil)
+    marker = out / f"pwned_rank{rank}"
+    (evil / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    trainer = pl.Trainer(
+        default_root_dir=out / "evil", accelerator="cpu", devices=devices, max_steps=2,
+        strategy=ModelParallelStrategy(devices, 1, save_distributed_checkpoint=True),
+        callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    try:
+        trainer.fit(ShardNet(8), ckpt_path=evil, weights_only=True)
+        result = "malicious_folder: no error"
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        result = f"malicious_folder: {type(err).__name__}: {str(err)[:300]}"
+    return f"{result} | marker exists: {marker.exists()}"
+
+
 def _errors(out: Path, devices: int) -> None:
     """Every rank records the error of each refused setup (one line per case)."""
     messages = []
@@ -298,6 +334,7 @@ def _errors(out: Path, devices: int) -> None:
     messages.append(_rowwise_check(devices))
     messages.append(_attach_after_fully_shard(devices))
     messages.append(_other_configuration(out, devices))
+    messages.append(_malicious_folder(out, devices))
     (out / f"errors_rank{trainer.global_rank}.txt").write_text("\n".join(messages) + "\n")
 
 

@@ -287,6 +287,9 @@ def test_unsupported_model_parallel_setups_fail_clearly(tmp_path):
         assert "attach N:M before fully_shard" in lines[4]
         assert lines[5].startswith("other_configuration: SRSTECallback: the checkpoint's N:M state does not match: ")
         assert "conv1: 1:4 in the checkpoint, 2:4 here" in lines[5]
+        # a sharded folder whose .metadata is a pickle with code: refused before torch.distributed.checkpoint reads it
+        assert lines[6].startswith("malicious_folder: UnsafeCheckpointError: "), lines[6]
+        assert "refused before anything in it ran" in lines[6] and lines[6].endswith("marker exists: False")
 
 
 def test_fsdp2_sim_trainer_config(compose_train):

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.nn.parameter import is_lazy
 
 import nm_lightning.distributed as distributed
+from nm_lightning.callbacks.checkpoint_guard import guard_checkpoint_loading
 from nm_lightning.callbacks.model_parallel import (
     export_gathered,
     is_model_parallel,
@@ -140,6 +141,8 @@ class NMCallback(Callback):
         check_strategy(trainer.strategy, type(self).__name__, self.supports_model_parallel)
         if is_model_parallel(trainer.strategy):
             mode = model_parallel_mode(trainer.strategy, type(self).__name__)
+            # a sharded checkpoint folder is unpickled by torch.distributed.checkpoint: check it before it is read
+            guard_checkpoint_loading(trainer.strategy)
             # the checkpoint's state_dict has the plain keys; the N:M entries are loaded in on_load_checkpoint
             pl_module.strict_loading = False
             if mode == "tensor_parallel":
