@@ -8,6 +8,7 @@ Public API: :func:`nm_mask` (mask math), :class:`NMLayerState` (the one N:M stat
 
 from nm_lightning.accounting import scheme_stats
 from nm_lightning.callbacks import DominoSearchCallback, SparsityScheduler, SRSTECallback
+from nm_lightning.callbacks.model_parallel import attach_pending
 from nm_lightning.export import dense_state_dict, export_artifacts, load_packed, save_dense, save_packed
 from nm_lightning.layers import input_dim_of, known_types, register_layer_type, registered_params
 from nm_lightning.masks import check_nm, nm_mask
@@ -37,6 +38,7 @@ __all__ = [
     "SRSTECallback",
     "SparsityScheduler",
     "attach",
+    "attach_pending",
     "auto_decay",
     "check_nm",
     "dense_state_dict",

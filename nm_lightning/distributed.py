@@ -1,7 +1,8 @@
 """What sharded training needs: N:M masks computed on each rank's part of a weight, and the local parts of
 full-shape tensors.
 
-Two ways of sharding a weight are supported under Lightning's ``ModelParallelStrategy``, each on a 1-D mesh:
+Two ways of sharding a weight are supported under Lightning's ``ModelParallelStrategy``, each on a 1-D mesh, and
+both together on a 2-D mesh:
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``, ``tensor_parallel_size=1``) shards every parameter along dim 0
 (output rows) with ``torch.chunk`` semantics: rank ``r`` of ``w`` ranks holds rows ``[r·c, min((r+1)·c, rows))``
@@ -27,11 +28,17 @@ cannot shard a parametrized layer, so here the parametrization is attached *afte
 its forward receives the ``DTensor`` weight: it masks the local shard (:func:`placed_mask`, no communication for
 the mask itself) and returns ``W ⊙ E`` as a ``DTensor`` placed like ``W`` (:func:`placed_masked`).
 
-In both cases the recorded ``mask`` buffer stays a plain, replicated bool tensor of the full shape (the bool
+2-D mesh (``parallelize_module`` on the tensor-parallel mesh, then ``fully_shard`` on the data-parallel one): the
+parametrization is attached between the two, as under tensor parallelism; FSDP2 then shards its ``original``
+(dim 0 on the data-parallel mesh over the tensor-parallel placement) and hands the forward the tensor-parallel
+``DTensor``, masked as above. Outside the forward a weight is a ``DTensor`` on the 2-D mesh; its local part holds
+whole groups (:func:`check_placements` checks every mesh dim).
+
+In every case the recorded ``mask`` buffer stays a plain, replicated bool tensor of the full shape (the bool
 mask is all-gathered in every training forward, which every rank runs): identical on every rank, so metrics and
 flip rates read it on rank 0 alone, and checkpoints carry it as is. Gradients, weights and optimizer states
 outside the forward are ``DTensor`` s: :func:`local_view` gives the plain local tensor, :func:`local_part` the
-matching part of a full-shape tensor (the mask, a full checkpoint's weight) for any placement on a 1-D mesh, and
+matching part of a full-shape tensor (the mask, a full checkpoint's weight) for any placement on a 1-D or 2-D mesh, and
 :func:`gather_full` the inverse (a collective), for element-wise work such as the SR-STE decay
 (:func:`decay_operands`).
 
@@ -125,11 +132,13 @@ def check_placements(state: NMLayerState, param: torch.Tensor) -> None:
 
     Allowed: ``Shard(0)`` (FSDP2, ``ColwiseParallel``) when each row holds whole groups; ``Shard(d)`` along the
     group dimension (``RowwiseParallel`` shards a Linear's input dim) when every rank's slice is a multiple of M;
-    ``Replicate``. Anything else (another dim, ``Partial``) is refused.
+    ``Replicate``; on a 2-D mesh (FSDP2 over tensor parallelism) each mesh dim is checked so (FSDP2's
+    ``_StridedShard`` of dim 0 included). Anything else (another dim, ``Partial``) is refused.
     """
     if not is_dtensor(param):
         return
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     shape = tuple(param.shape)
     group_dim = state.input_dim if state.layout == "input_channel" else None
@@ -137,9 +146,11 @@ def check_placements(state: NMLayerState, param: torch.Tensor) -> None:
         if isinstance(placement, Replicate):
             continue
         size = param.device_mesh.size(mesh_dim)
-        if not isinstance(placement, Shard):
+        if not isinstance(placement, (Shard, _StridedShard)):
             raise ShardingError(f"layer {state.name!r}: placement {placement} is not supported for N:M sparsity")
         dim = placement.dim % len(shape)
+        if isinstance(placement, _StridedShard) and dim != 0:  # FSDP2 over tensor parallelism strides dim 0 only
+            raise ShardingError(f"layer {state.name!r}: placement {placement} is not supported for N:M sparsity")
         if dim == 0 and group_dim != 0:
             if state.layout == "flat" and math.prod(shape[1:]) % state.m:
                 raise ShardingError(
@@ -194,7 +205,9 @@ def local_part(
     ``mesh`` with ``placements``); ``full`` itself when ``like`` is a plain tensor.
 
     Any placement on a 1-D mesh: ``Shard(d)`` with ``torch.chunk`` semantics (what FSDP2 and the parallel styles
-    use), ``Replicate`` (the whole tensor). In place writes to the result reach ``full``.
+    use), ``Replicate`` (the whole tensor); on a 2-D mesh (FSDP2 over tensor parallelism, ``_StridedShard`` when
+    both shard dim 0) the block torch's ``compute_local_shape_and_global_offset`` gives. In place writes to the
+    result reach ``full``.
     """
     placed = _placement(like, mesh, placements)
     if placed is None:

@@ -1,6 +1,6 @@
 """What every N:M callback shares: attaching (in ``setup``, or after ``configure_model``), plain-key checkpoints,
 exact and validated resume, the fit-start table, logging; FSDP2 or tensor parallelism through
-``ModelParallelStrategy``."""
+``ModelParallelStrategy`` (alone or both on a 2-D mesh)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ from torch.nn.parameter import is_lazy
 import nm_lightning.distributed as distributed
 from nm_lightning.callbacks.checkpoint_guard import guard_checkpoint_loading
 from nm_lightning.callbacks.model_parallel import (
+    drop_pending,
     export_gathered,
     is_model_parallel,
     load_full_into_shards,
+    missing_attach_error,
     model_parallel_mode,
+    register_pending,
     sharded_plain_weights,
 )
 from nm_lightning.masks import Layout
@@ -114,8 +117,13 @@ class NMCallback(Callback):
     ``Shard(1)``: ``RowwiseParallel``, plain or ``Replicate``: outside the plan); every placement is checked then
     (a ``RowwiseParallel`` slice that is not a multiple of M is an error naming the layer, the slice and M), and
     each forward masks the local shard (:func:`nm_lightning.sparsify.parametrization.bind_tensor_parallel`). The
-    Parameter objects stay the same, so the optimizers built later are unaffected. A 2-D mesh (FSDP2 and tensor
-    parallelism together) is refused in ``setup``.
+    Parameter objects stay the same, so the optimizers built later are unaffected.
+
+    On a 2-D mesh (``parallelize_module`` on the tensor-parallel mesh, then ``fully_shard`` on the data-parallel
+    one) the attach must happen between the two: ``setup`` registers it on the module and ``configure_model`` runs
+    it by calling :func:`nm_lightning.attach_pending` (as under tensor parallelism: placed weights, placements
+    checked); right after ``configure_model`` a missing call is an error naming the line to add, and the 2-D
+    placements are checked. FSDP2 hands the parametrization the tensor-parallel ``DTensor`` in each forward.
     """
 
     plans: list[LayerPlan]
@@ -145,6 +153,12 @@ class NMCallback(Callback):
             guard_checkpoint_loading(trainer.strategy)
             # the checkpoint's state_dict has the plain keys; the N:M entries are loaded in on_load_checkpoint
             pl_module.strict_loading = False
+            if mode == "2d":
+                # parallelize_module, attach, fully_shard: configure_model calls nm_lightning.attach_pending between
+                self._pending_ran = False
+                register_pending(pl_module, lambda: self._attach_pending(trainer, pl_module, stage))
+                self._after_configure_model(pl_module, lambda: self._bind_2d(trainer, pl_module))
+                return
             if mode == "tensor_parallel":
                 # parallelize_module cannot shard a parametrized layer: attach on the placed weights after it
                 self._after_configure_model(pl_module, lambda: self._attach_placed(trainer, pl_module, stage))
@@ -202,6 +216,23 @@ class NMCallback(Callback):
         except distributed.ShardingError as err:
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
         self._requested = {layer.fqn: dataclasses.replace(layer.state) for layer in self.layers.values()}
+
+    def _attach_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Under a 2-D mesh, from ``nm_lightning.attach_pending`` in ``configure_model``: attach on the
+        tensor-parallel placed weights (before ``fully_shard``), check the placements."""
+        self._attach_placed(trainer, pl_module, stage)
+        self._pending_ran = True
+
+    def _bind_2d(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After ``configure_model`` under a 2-D mesh: the attach must have run; check the 2-D placements."""
+        if not self._pending_ran:
+            drop_pending(pl_module)
+            raise missing_attach_error(type(self).__name__, trainer.strategy)
+        try:
+            for layer in self.layers.values():
+                distributed.check_placements(layer.state, layer.original)
+        except distributed.ShardingError as err:
+            raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
 
     def _planned(self, name: str) -> bool:
         return any(p.name == name for p in self.plans)

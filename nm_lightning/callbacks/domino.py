@@ -336,6 +336,10 @@ class DominoSearchCallback(NMCallback):
         meshes = {w.device_mesh for w in placed}
         if not meshes:
             return None
+        if any(mesh.ndim > 1 for mesh in meshes):
+            # a 2-D mesh: a layer's parts are spread over all the ranks (a layer outside the tensor-parallel plan,
+            # sharded on the data-parallel mesh only, counts tensor_parallel_size times: the fraction is unchanged)
+            return distributed.sum_over(None)
         if len(meshes) != 1:
             raise RuntimeError("DominoSearchCallback: all searched layers must be placed on one device mesh")
         return distributed.sum_over(next(iter(meshes)).get_group())

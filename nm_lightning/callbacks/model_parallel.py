@@ -1,19 +1,24 @@
-"""What the N:M callbacks need under Lightning's ``ModelParallelStrategy``: which sharding is used (FSDP2 alone or
-tensor parallelism alone; a 2-D mesh is refused), checkpoint translation between sharded layers and full or
+"""What the N:M callbacks need under Lightning's ``ModelParallelStrategy``: which sharding is used (FSDP2 alone,
+tensor parallelism alone, or both on a 2-D mesh), checkpoint translation between sharded layers and full or
 sharded files, and the gathered export.
 
 FSDP2 (``tensor_parallel_size=1``): N:M is attached in the callback's ``setup``, before ``configure_model``
 applies ``fully_shard``, and the row shards are bound after it. Tensor parallelism (``data_parallel_size=1``):
 N:M is attached right after ``configure_model`` applied ``parallelize_module`` (torch's parallel styles cannot
 shard a parametrized layer), on the placed ``DTensor`` weights, whose placements are checked then
-(``RowwiseParallel`` needs per-rank input slices that are multiples of M). The mechanism (masks of each rank's
+(``RowwiseParallel`` needs per-rank input slices that are multiples of M). 2-D mesh (both sizes above 1,
+``configure_model`` applies ``parallelize_module`` then ``fully_shard``): N:M must be attached between the two, so
+``configure_model`` calls :func:`attach_pending` there, which runs the attaches the callbacks registered in
+``setup`` (on the tensor-parallel placed weights, placements checked); FSDP2 then shards
+``parametrizations.<param>.original`` on the data-parallel mesh and hands the parametrization the tensor-parallel
+``DTensor`` in each forward. The mechanism (masks of each rank's
 part, all-gathered bool masks) is :mod:`nm_lightning.distributed`; :class:`~nm_lightning.callbacks.base.NMCallback`
 calls these helpers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,10 +34,14 @@ from nm_lightning.sparsify import SparseLayer
 from nm_lightning.sparsify.state_dict import check_mask, nm_keys
 
 __all__ = [
+    "attach_pending",
     "export_gathered",
     "is_model_parallel",
     "load_full_into_shards",
+    "mesh_sizes",
+    "missing_attach_error",
     "model_parallel_mode",
+    "register_pending",
     "sharded_plain_weights",
 ]
 
@@ -42,14 +51,16 @@ def is_model_parallel(strategy: Strategy) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
-def model_parallel_mode(strategy: ModelParallelStrategy, who: str) -> Literal["fsdp2", "tensor_parallel"]:
-    """Which sharding the callbacks follow under ``ModelParallelStrategy``: ``"fsdp2"`` (``tensor_parallel_size=1``:
-    attach before ``configure_model``, bind row shards after it) or ``"tensor_parallel"`` (``data_parallel_size=1``:
-    attach after ``configure_model``, on the placed weights).
+_PENDING = "_nm_lightning_pending_attach"
 
-    Refuses a 2-D mesh (both sizes above 1): ``fully_shard`` needs the N:M parametrization attached before it,
-    ``parallelize_module`` cannot shard a parametrized layer, and the usual 2-D ``configure_model`` applies both.
-    """
+
+def model_parallel_mode(strategy: ModelParallelStrategy, who: str) -> Literal["fsdp2", "tensor_parallel", "2d"]:
+    """Which sharding the callbacks follow under ``ModelParallelStrategy``: ``"fsdp2"`` (``tensor_parallel_size=1``:
+    attach before ``configure_model``, bind row shards after it), ``"tensor_parallel"`` (``data_parallel_size=1``:
+    attach after ``configure_model``, on the placed weights) or ``"2d"`` (both above 1: attach inside
+    ``configure_model``, where it calls :func:`attach_pending` between ``parallelize_module`` and ``fully_shard``).
+    ``who`` names the callback in errors."""
+    del who
     mesh = strategy.device_mesh
     names = mesh.mesh_dim_names or ()
     tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
@@ -58,11 +69,67 @@ def model_parallel_mode(strategy: ModelParallelStrategy, who: str) -> Literal["f
         return "fsdp2"
     if dp == 1:
         return "tensor_parallel"
-    raise MisconfigurationException(
-        f"{who} supports ModelParallelStrategy with FSDP2 alone (data_parallel_size=world size, "
-        "tensor_parallel_size=1) or tensor parallelism alone (tensor_parallel_size=world size, data_parallel_size=1);"
-        f" got a 2-D mesh with data_parallel_size={dp} and tensor_parallel_size={tp}: N:M must be attached before "
-        "fully_shard but after parallelize_module, and a 2-D configure_model applies parallelize_module first"
+    return "2d"
+
+
+def mesh_sizes(strategy: ModelParallelStrategy) -> tuple[int, int]:
+    """``(data_parallel_size, tensor_parallel_size)`` of the strategy's device mesh."""
+    mesh = strategy.device_mesh
+    names = mesh.mesh_dim_names or ()
+    return tuple(mesh[n].size() if n in names else 1 for n in ("data_parallel", "tensor_parallel"))  # type: ignore[return-value]
+
+
+def register_pending(module: torch.nn.Module, attach_fn: Callable[[], None]) -> None:
+    """Register an N:M attach to run when ``configure_model`` calls :func:`attach_pending` (2-D mesh only)."""
+    module.__dict__.setdefault(_PENDING, []).append(attach_fn)
+
+
+def drop_pending(module: torch.nn.Module) -> bool:
+    """Forget the attaches still pending on ``module``; whether there were any."""
+    return bool(module.__dict__.pop(_PENDING, None))
+
+
+def attach_pending(module: torch.nn.Module) -> None:
+    """Attach the N:M sparsity of every N:M callback to ``module`` now; call it in ``configure_model`` under a 2-D
+    mesh (``ModelParallelStrategy`` with ``data_parallel_size > 1`` and ``tensor_parallel_size > 1``), right after
+    ``parallelize_module(...)`` and before ``fully_shard(...)``::
+
+        def configure_model(self):
+            parallelize_module(self, self.device_mesh["tensor_parallel"], plan)
+            nm_lightning.attach_pending(self)  # N:M on the tensor-parallel weights, before FSDP2 shards them
+            for layer in self.layers:
+                fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+    torch's parallel styles cannot shard a parametrized layer, and ``fully_shard`` needs the parametrization
+    attached before it, so the attach must happen between the two. Each callback attaches on the placed weights
+    and checks their placements (``RowwiseParallel`` slices must be multiples of M). Without a 2-D mesh (FSDP2
+    alone, tensor parallelism alone, no mesh) it does nothing: the callbacks attach by themselves, so one
+    ``configure_model`` serves every layout. Forgetting it under a 2-D mesh is an error right after
+    ``configure_model``, naming this line.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    pending = module.__dict__.pop(_PENDING, None)
+    if not pending:
+        return
+    if any(isinstance(m, FSDPModule) for m in module.modules()):
+        raise MisconfigurationException(
+            "nm_lightning.attach_pending was called after fully_shard; under a 2-D mesh call it in configure_model "
+            "right after parallelize_module(...) and before fully_shard(...)"
+        )
+    for attach_fn in pending:
+        attach_fn()
+
+
+def missing_attach_error(who: str, strategy: ModelParallelStrategy) -> MisconfigurationException:
+    """The error when ``configure_model`` did not call :func:`attach_pending` under a 2-D mesh."""
+    dp, tp = mesh_sizes(strategy)
+    return MisconfigurationException(
+        f"{who}: under a 2-D mesh (data_parallel_size={dp}, tensor_parallel_size={tp}) N:M must be attached between "
+        "parallelize_module and fully_shard, and configure_model did not do it: add "
+        "`nm_lightning.attach_pending(self)` in configure_model right after `parallelize_module(...)` and before "
+        "the first `fully_shard(...)`"
     )
 
 

@@ -352,8 +352,9 @@ def bind_tensor_parallel(model: nn.Module) -> list[str]:
             continue
         if weight.device_mesh.ndim != 1:
             raise distributed.ShardingError(
-                f"layer {name!r}: weight placed on a {weight.device_mesh.ndim}-D mesh {tuple(weight.placements)}; N:M "
-                "tensor parallelism supports a 1-D tensor-parallel mesh (data_parallel_size=1)"
+                f"layer {name!r}: weight placed on a {weight.device_mesh.ndim}-D mesh {tuple(weight.placements)}; "
+                "attach N:M on the 1-D tensor-parallel placement: under a 2-D mesh call "
+                "nm_lightning.attach_pending(self) in configure_model after parallelize_module and before fully_shard"
             )
         distributed.check_placements(layer.state, weight)
         layer.sparsity.tensor_parallel = True
