@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_data  # noqa: E402
 
-from nm_lightning import DominoSearchCallback, SparsityScheduler, SRSTECallback, sparse_layers  # noqa: E402
+from nm_lightning import (  # noqa: E402
+    DominoSearchCallback,
+    SparsityScheduler,
+    SRSTECallback,
+    attach_pending,
+    sparse_layers,
+)
 
 
 class ShardNet(pl.LightningModule):
@@ -76,9 +82,12 @@ class ShardNet(pl.LightningModule):
         if self.same_batches:  # every step sees the same samples: a resumed run cannot differ by data order
             x, y = make_data(16)[:]
             data = TensorDataset(x.repeat(4, 1, 1), y.repeat(4))
-        if torch.distributed.is_initialized() and not isinstance(self, TensorParallelNet):
-            # rank r reads samples r, r + world, ...: two ranks x batch 8 see the same 16 samples as one x batch 16
-            return DataLoader(data, batch_size=self.batch_size, sampler=DistributedSampler(data, shuffle=False))
+        if torch.distributed.is_initialized() and type(self) is not TensorParallelNet:
+            # data-parallel rank r reads samples r, r + dp, ...: two ranks x batch 8 see the same 16 samples as one x
+            # batch 16 (the tensor-parallel ranks of a 2-D mesh read the same samples)
+            dp = self.device_mesh["data_parallel"]
+            sampler = DistributedSampler(data, num_replicas=dp.size(), rank=dp.get_local_rank(), shuffle=False)
+            return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
         return DataLoader(data, batch_size=self.batch_size, shuffle=False)
 
 
@@ -114,12 +123,14 @@ def _fit(
     domino: bool = False,
     checkpoint_at: int | None = None,
     tp: bool = False,
+    two_d: bool = False,
 ) -> None:
     pl.seed_everything(0, workers=True)
     opt = {"lr": 0.01, "momentum": 0.0} if domino else {}
-    model = (TensorParallelNet(batch_size, same_batches, hidden=32, **opt) if tp
+    model = (TwoDNet(batch_size, same_batches, hidden=32, **opt) if two_d
+             else TensorParallelNet(batch_size, same_batches, hidden=32, **opt) if tp
              else ShardNet(batch_size, same_batches, **opt))  # fmt: skip
-    dp, tp_size = (1, devices) if tp else (devices, 1)
+    dp, tp_size = (2, devices // 2) if two_d else (1, devices) if tp else (devices, 1)
     strategy = (
         ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp_size, save_distributed_checkpoint=sharded)
         if devices > 1 else "auto"
@@ -157,6 +168,13 @@ def _fit(
         "placements": {k: str(getattr(v.original, "placements", None)) for k, v in layers.items()},
         "effective": {k: v.effective() for k, v in layers.items()},  # gathered on every rank (a collective)
     }
+    if two_d and devices > 1:  # local_part of the gathered weight is this rank's part (a collective)
+        from nm_lightning.distributed import local_part
+
+        record["local_part_ok"] = {
+            k: torch.equal(local_part(v.original.full_tensor(), v.original), v.original.to_local())
+            for k, v in layers.items()
+        }  # fmt: skip
     torch.save(record, out / f"{run}_rank{trainer.global_rank}_of_{devices}.pt")
 
 
@@ -172,6 +190,45 @@ class TensorParallelNet(ShardNet):
 
         plan = {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
         parallelize_module(self, self.device_mesh["tensor_parallel"], plan)
+
+
+class TwoDNet(TensorParallelNet):
+    """A 2-D mesh: ``fc1`` column-wise, ``fc2`` row-wise on the tensor-parallel mesh, then N:M attached
+    (:func:`nm_lightning.attach_pending`), then ``fully_shard`` per layer and on the root on the data-parallel mesh.
+    The tensor-parallel ranks of one data-parallel group read the same samples."""
+
+    attach = True  # False: the missing attach_pending call
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        super().configure_model()  # parallelize_module on the tensor-parallel mesh
+        if self.attach:
+            attach_pending(self)
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def _missing_attach(out: Path, devices: int) -> None:
+    """A 2-D configure_model without attach_pending: the error names the line to add (every rank)."""
+    model = TwoDNet(8, hidden=32)
+    model.attach = False
+    trainer = pl.Trainer(
+        default_root_dir=out / "missing", accelerator="cpu", devices=devices, max_steps=1,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=devices // 2),
+        callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    try:
+        trainer.fit(model)
+        message = "missing_attach: no error"
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        message = f"missing_attach: {type(err).__name__}: {err}"
+    (out / f"errors_rank{trainer.global_rank}.txt").write_text(message + "\n")
 
 
 def _rowwise_check(devices: int) -> str:
@@ -359,6 +416,16 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
             _fit(out, "domino_straight", devices, batch_size, max_steps=14, checkpoint_at=6, **same)
             saved = out / "domino_straight" / "at_step=6.ckpt"
             _fit(out, "domino_resume", devices, batch_size, max_steps=14, ckpt=saved, **same)
+    elif mode == "2d":  # 4 devices: data_parallel_size=2 x tensor_parallel_size=2; 1 device: the reference
+        same = {"same_batches": True, "max_epochs": 5, "max_steps": 10, "two_d": True}
+        if devices > 1:
+            _missing_attach(out, devices)
+        _fit(out, "main", devices, batch_size, **same)  # also the unbroken run the resumed ones must equal
+        if devices > 1:
+            for sharded, name in ((False, "full.ckpt"), (True, "sharded.ckpt")):
+                path = out / name
+                _fit(out, f"stop_{name}", devices, batch_size, **{**same, "max_steps": 6}, save=path, sharded=sharded)
+                _fit(out, f"resume_{name}", devices, batch_size, ckpt=path, sharded=sharded, **same)
     elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
     else:

@@ -1,7 +1,8 @@
 """FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) and tensor parallelism (``parallelize_module``) on two CPU
 processes (gloo), through ``tests/fsdp2_script.py``: masks computed on each rank's part, identical on every rank
 and equal to one process with the same global batch; exactly N:M gathered weights; one set of files; bit-exact
-resume from a full file and from a sharded folder; a 2-D mesh and row-wise slices that split groups refused."""
+resume from a full file and from a sharded folder; row-wise slices that split groups refused. Both together on a 2-D
+mesh (4 processes: tensor parallelism, then nm_lightning.attach_pending, then FSDP2) equal one process too."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from conftest import TinyNet
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from nm_lightning import SRSTECallback, nm_mask
+from nm_lightning import SRSTECallback, nm_mask, sparse_layers
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_script.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,23 +207,108 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
         ]  # fmt: skip
 
 
-def test_two_dimensional_mesh_is_refused_naming_what_is_supported():
-    """FSDP2 and tensor parallelism together cannot be attached in either order: refused at setup."""
+@pytest.mark.slow
+@pytest.mark.usefixtures("_no_hang")
+def test_two_dimensional_mesh_equals_one_process_and_resumes_bit_exact(tmp_path):
+    """A 2-D mesh on 4 processes (data_parallel_size=2 x tensor_parallel_size=2): parallelize_module (fc1
+    column-wise, fc2 row-wise in slices of 16), nm_lightning.attach_pending, fully_shard per layer and on the root.
+    SR-STE + a schedule equal one process on the concatenated batches of the two data-parallel groups; masks
+    identical on every rank, exactly 1:4 along the input dim; one set of export files; local_part of a 2-D DTensor
+    (FSDP2's _StridedShard over ColwiseParallel included) matches full_tensor; bit-exact resume from a full file and
+    from a sharded folder. A configure_model without attach_pending fails on every rank naming the line to add."""
+    one = _script(tmp_path, "2d", 1, 16)
+    four = _script(tmp_path, "2d", 4, 8)
+    single = torch.load(one / "main_rank0_of_1.pt", weights_only=True)
+    ranks = [torch.load(four / f"main_rank{r}_of_4.pt", weights_only=True) for r in range(4)]
+    placed = {"conv1": "(Shard(dim=0),)", "conv2": "(Shard(dim=0),)",
+              "fc1": "(_StridedShard(dim=0, sf=2), Shard(dim=0))", "fc2": "(Shard(dim=0), Shard(dim=1))"}  # fmt: skip
+    for r, got in enumerate(ranks):
+        assert got["placements"] == placed, r
+        assert all(got["local_part_ok"].values()), (r, got["local_part_ok"])
+        assert got["step"] == single["step"] == 10 and got["nm"] == single["nm"], r
+        for k in single["masks"]:
+            assert torch.equal(got["masks"][k], single["masks"][k]), (r, k)
+        assert bool(got["full"]) == (r == 0)  # gathered on rank 0 only
+    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())  # fixed from step 9 on
+    assert set(ranks[0]["full"]) == set(single["full"])
+    for k, v in single["full"].items():
+        torch.testing.assert_close(ranks[0]["full"][k], v, rtol=0, atol=1e-5)
+    dense_four = torch.load(next(four.glob("main/**/model_dense.pt")), weights_only=True)
+    dense_one = torch.load(next(one.glob("main/**/model_dense.pt")), weights_only=True)
+    assert set(dense_four) == set(dense_one)
+    for k in NM_KEYS:
+        w = dense_four[k]
+        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
+        layer = k.rsplit(".", 1)[0]
+        assert all(torch.equal(got["effective"][layer], w) for got in ranks), k
+        torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
+    assert _files(four / "main") == _files(one / "main")
+    rows = _rows(four / "main")
+    assert sum(1 for r in rows if r.get("nm/sparsity")) >= 9
+    assert float([r for r in rows if r.get("nm/sparsity")][-1]["nm/sparsity"]) == pytest.approx(0.75)
+    # stopped at step 6, saved, resumed to step 10: bit-identical to the unbroken main run, on every rank
+    for name in ("full.ckpt", "sharded.ckpt"):
+        for r, straight in enumerate(ranks):
+            resumed = torch.load(four / f"resume_{name}_rank{r}_of_4.pt", weights_only=True)
+            assert resumed["step"] == 10 and resumed["nm"] == straight["nm"], (name, r)
+            for k, v in straight["masks"].items():
+                assert torch.equal(resumed["masks"][k], v), (name, r, k)
+            for k, v in straight["effective"].items():
+                assert torch.equal(resumed["effective"][k], v), (name, r, k)
+            for k, v in straight["full"].items():
+                assert torch.equal(resumed["full"][k], v), (name, r, k)
+    ckpt = torch.load(four / "full.ckpt", weights_only=True)  # the plain model's keys with masked weights
+    assert sorted(ckpt["state_dict"]) == sorted(dense_one)
+    for k in NM_KEYS:
+        w, n = ckpt["state_dict"][k], ckpt["nm_lightning"]["state"][k.replace(".weight", EXTRA)]["n"]
+        assert n < 4 and torch.equal(w != 0, nm_mask(w, n, 4) & (w != 0)), k
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = set(FileSystemReader(str(four / "sharded.ckpt")).read_metadata().state_dict_metadata)
+    assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
+    for r in range(4):  # configure_model without attach_pending: the same clear error on every rank
+        line = (four / f"errors_rank{r}.txt").read_text().strip()
+        assert line.startswith("missing_attach: MisconfigurationException: SRSTECallback: under a 2-D mesh "
+                               "(data_parallel_size=2, tensor_parallel_size=2)"), line  # fmt: skip
+        assert "add `nm_lightning.attach_pending(self)` in configure_model right after `parallelize_module" in line
+
+
+def test_attach_pending_is_a_no_op_without_a_two_dimensional_mesh():
+    """Nothing registered (FSDP2 alone, tensor parallelism alone, no mesh): attach_pending does nothing, so one
+    configure_model serves every layout; registered attaches run once, in order."""
+    from nm_lightning import attach_pending
+    from nm_lightning.callbacks.model_parallel import register_pending
+
+    net = TinyNet()
+    attach_pending(net)
+    assert not sparse_layers(net)
+    ran = []
+    register_pending(net, lambda: ran.append(1))
+    register_pending(net, lambda: ran.append(2))
+    attach_pending(net)
+    attach_pending(net)
+    assert ran == [1, 2]
+
+
+def test_two_dimensional_mesh_mode_and_missing_attach_error():
+    """A 2-D mesh is the "2d" mode; the missing-attach error names both sizes and the line to add."""
     from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from nm_lightning.callbacks.model_parallel import missing_attach_error, model_parallel_mode
 
     class Mesh:
         mesh_dim_names = ("data_parallel", "tensor_parallel")
 
         def __getitem__(self, name):
-            return types.SimpleNamespace(size=lambda: 2)
+            return types.SimpleNamespace(size=lambda: 2 if name == "data_parallel" else 4)
 
     strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
     strategy._device_mesh = Mesh()
-    fake = types.SimpleNamespace(strategy=strategy)
-    match = (r"SRSTECallback supports ModelParallelStrategy with FSDP2 alone .* or tensor parallelism alone "
-             r".*data_parallel_size=2 and tensor_parallel_size=2")  # fmt: skip
-    with pytest.raises(MisconfigurationException, match=match):
-        SRSTECallback().setup(fake, TinyNet(), "fit")
+    assert model_parallel_mode(strategy, "SRSTECallback") == "2d"
+    err = missing_attach_error("SRSTECallback", strategy)
+    assert isinstance(err, MisconfigurationException)
+    assert "data_parallel_size=2, tensor_parallel_size=4" in str(err)
+    assert "nm_lightning.attach_pending(self)" in str(err)
 
 
 @pytest.mark.parametrize("rows, world", [(5, 2), (28, 2), (3, 4), (16, 3)])
