@@ -7,7 +7,9 @@ MODE ``srste``: SR-STE + SparsityScheduler + export. With 2 devices it also runs
 stops mid-epoch, saves (full file and sharded folder) and resumes must end bit-identical to a fit that never
 stopped. MODE ``tp``: the same under tensor parallelism (``data_parallel_size=1``: ``fc1`` column-wise, ``fc2``
 row-wise in slices of 16, every rank sees the whole batch), then a DominoSearch; with 1 device the same model
-without a mesh.
+without a mesh. MODE ``2d`` (4 devices: ``data_parallel_size=2`` x ``tensor_parallel_size=2``): the tensor-parallel
+model, ``nm_lightning.attach_pending``, then ``fully_shard`` per layer; SR-STE + a schedule with both checkpoint
+resumes, a configure_model without ``attach_pending``, and a DominoSearch; with 1 device the reference runs.
 Every rank writes ``OUT_DIR/<run>_rank{r}_of_{devices}.pt`` with the gathered full state dict, masks and
 N:M; files of the callbacks go under ``OUT_DIR/<run>``.
 """
@@ -426,6 +428,8 @@ def main(out: Path, mode: str, devices: int, batch_size: int) -> None:
                 path = out / name
                 _fit(out, f"stop_{name}", devices, batch_size, **{**same, "max_steps": 6}, save=path, sharded=sharded)
                 _fit(out, f"resume_{name}", devices, batch_size, ckpt=path, sharded=sharded, **same)
+        # DominoSearch: vote counts summed over the whole mesh, thresholds gathered for the checkpoint
+        _fit(out, "domino", devices, batch_size, max_epochs=30, domino=True, two_d=True, save=out / "domino.ckpt")
     elif mode != "srste":
         raise SystemExit(f"unknown mode {mode!r}")
     else:

@@ -215,7 +215,8 @@ def test_two_dimensional_mesh_equals_one_process_and_resumes_bit_exact(tmp_path)
     SR-STE + a schedule equal one process on the concatenated batches of the two data-parallel groups; masks
     identical on every rank, exactly 1:4 along the input dim; one set of export files; local_part of a 2-D DTensor
     (FSDP2's _StridedShard over ColwiseParallel included) matches full_tensor; bit-exact resume from a full file and
-    from a sharded folder. A configure_model without attach_pending fails on every rank naming the line to add."""
+    from a sharded folder. A DominoSearch takes the decisions of one process. A configure_model without
+    attach_pending fails on every rank naming the line to add."""
     one = _script(tmp_path, "2d", 1, 16)
     four = _script(tmp_path, "2d", 4, 8)
     single = torch.load(one / "main_rank0_of_1.pt", weights_only=True)
@@ -266,6 +267,20 @@ def test_two_dimensional_mesh_equals_one_process_and_resumes_bit_exact(tmp_path)
 
     saved = set(FileSystemReader(str(four / "sharded.ckpt")).read_metadata().state_dict_metadata)
     assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
+    # DominoSearch: vote counts summed over the whole mesh: the decisions of one process, one scheme file
+    single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
+    for r in range(4):
+        got = torch.load(four / f"domino_rank{r}_of_4.pt", weights_only=True)
+        assert got["step"] == single["step"] < 90 and got["nm"] == single["nm"], r
+        for k in single["masks"]:
+            assert torch.equal(got["masks"][k], single["masks"][k]), (r, k)
+    assert any(n < m for n, m, _ in single["nm"].values())
+    found = [[p.read_text() for p in (d / "domino").rglob("found.json")] for d in (four, one)]
+    assert len(found[0]) == 1 and found[0] == found[1]
+    states = [torch.load(d / "domino.ckpt", weights_only=True)["callbacks"] for d in (four, one)]
+    (s4,), (s1,) = ([v for k, v in s.items() if k.startswith("DominoSearchCallback")] for s in states)
+    for name, layer in s1["search"]["layers"].items():
+        assert torch.equal(s4["search"]["layers"][name]["thresholds"], layer["thresholds"]), name
     for r in range(4):  # configure_model without attach_pending: the same clear error on every rank
         line = (four / f"errors_rank{r}.txt").read_text().strip()
         assert line.startswith("missing_attach: MisconfigurationException: SRSTECallback: under a 2-D mesh "
