@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import TinyNet
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from nm_lightning import SRSTECallback, nm_mask, sparse_layers
 
@@ -303,6 +304,24 @@ def test_attach_pending_is_a_no_op_without_a_two_dimensional_mesh():
     attach_pending(net)
     attach_pending(net)
     assert ran == [1, 2]
+
+
+def test_attach_pending_after_fully_shard_is_refused():
+    """Called after ``fully_shard`` (too late: FSDP2 already took the plain weights), the registered attaches do not
+    run and the error says where the call belongs."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from nm_lightning import attach_pending
+    from nm_lightning.callbacks.model_parallel import register_pending
+
+    net = TinyNet()
+    first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    first.__class__ = type(f"FSDP{type(first).__name__}", (FSDPModule, type(first)), {})  # what fully_shard does
+    ran = []
+    register_pending(net, lambda: ran.append(1))
+    with pytest.raises(MisconfigurationException, match=r"called after fully_shard.*right after parallelize_module"):
+        attach_pending(net)
+    assert ran == []
 
 
 def test_two_dimensional_mesh_mode_and_missing_attach_error():
