@@ -13,6 +13,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -65,6 +66,20 @@ def _rows(root: Path) -> list[dict[str, str]]:
 
 NM_KEYS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
 EXTRA = ".parametrizations.weight.0._extra_state"
+
+
+def _check_saved_files(out: Path, plain_keys: Any) -> None:
+    """The full file holds the plain model's keys with exactly N:M masked weights (and the N:M state aside); the
+    sharded folder holds the plain keys too."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt = torch.load(out / "full.ckpt", weights_only=True)
+    assert sorted(ckpt["state_dict"]) == sorted(plain_keys)
+    for k in NM_KEYS:
+        w, n = ckpt["state_dict"][k], ckpt["nm_lightning"]["state"][k.replace(".weight", EXTRA)]["n"]
+        assert n < 4 and torch.equal(w != 0, nm_mask(w, n, 4) & (w != 0)), k
+    saved = set(FileSystemReader(str(out / "sharded.ckpt")).read_metadata().state_dict_metadata)
+    assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
 
 
 @pytest.mark.slow
@@ -173,15 +188,7 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
                 assert torch.equal(resumed["masks"][k], v), (name, k)
         for k, v in straight["full"].items():
             assert torch.equal(torch.load(two / f"resume_{name}_rank0_of_2.pt", weights_only=True)["full"][k], v)
-    ckpt = torch.load(two / "full.ckpt", weights_only=True)
-    assert sorted(ckpt["state_dict"]) == sorted(dense_one)
-    for k in NM_KEYS:
-        w, n = ckpt["state_dict"][k], ckpt["nm_lightning"]["state"][k.replace(".weight", EXTRA)]["n"]
-        assert n < 4 and torch.equal(w != 0, nm_mask(w, n, 4) & (w != 0)), k
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = set(FileSystemReader(str(two / "sharded.ckpt")).read_metadata().state_dict_metadata)
-    assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
+    _check_saved_files(two, dense_one)
     # DominoSearch: vote counts summed over the ranks, thresholds of each rank's part gathered for the checkpoint
     single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
     for rank in (0, 1):
@@ -259,15 +266,7 @@ def test_two_dimensional_mesh_equals_one_process_and_resumes_bit_exact(tmp_path)
                 assert torch.equal(resumed["effective"][k], v), (name, r, k)
             for k, v in straight["full"].items():
                 assert torch.equal(resumed["full"][k], v), (name, r, k)
-    ckpt = torch.load(four / "full.ckpt", weights_only=True)  # the plain model's keys with masked weights
-    assert sorted(ckpt["state_dict"]) == sorted(dense_one)
-    for k in NM_KEYS:
-        w, n = ckpt["state_dict"][k], ckpt["nm_lightning"]["state"][k.replace(".weight", EXTRA)]["n"]
-        assert n < 4 and torch.equal(w != 0, nm_mask(w, n, 4) & (w != 0)), k
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = set(FileSystemReader(str(four / "sharded.ckpt")).read_metadata().state_dict_metadata)
-    assert {f"state_dict.{k}" for k in NM_KEYS} <= saved
+    _check_saved_files(four, dense_one)
     # DominoSearch: vote counts summed over the whole mesh: the decisions of one process, one scheme file
     single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
     for r in range(4):
