@@ -115,56 +115,46 @@ NM_DEFINE(nm_generic_u64, uint64_t)
 /* Rank by comparison for a compile-time M. ONE_GROUP ranks the M values v[] (sign-cleared bits as signed
  * ints) and writes keep[i] = 1 if kept. */
 #define NM_RANK(T, S, M, SUF)                                                                        \
+/* one group: its M values at src[0], src[stride], ...; keep = fewer than n members beat it */           \
+static inline __attribute__((always_inline)) int64_t nm_group_##SUF##_##M(                          \
+        const T *src, uint8_t *dst, T *wdst, int64_t stride, int nn, T absmask, T expmask,            \
+        const int with_w) {                                                                          \
+    int64_t nonfinite = 0;                                                                           \
+    T r[M]; S v[M];                                                                                  \
+    for (int j = 0; j < M; ++j) {                                                                    \
+        r[j] = src[j * stride];                                                                      \
+        v[j] = (S)(r[j] & absmask);                                                                  \
+        nonfinite += ((r[j] & expmask) == expmask);                                                  \
+    }                                                                                                \
+    for (int i = 0; i < M; ++i) {                                                                    \
+        int cnt = 0;                                                                                 \
+        for (int j = 0; j < i; ++j) cnt += (v[j] >= v[i]);                                           \
+        for (int j = i + 1; j < M; ++j) cnt += (v[j] > v[i]);                                        \
+        const T keep = (T)(cnt < nn);                                                                \
+        dst[i * stride] = (uint8_t)keep;                                                             \
+        if (with_w) wdst[i * stride] = r[i] & (T)(0 - keep);                                         \
+    }                                                                                                \
+    return nonfinite;                                                                                \
+}                                                                                                    \
 static inline __attribute__((always_inline)) int64_t nm_rank_body_##SUF##_##M(                      \
         const T *w, uint8_t *out, T *wout, int64_t lane_begin, int64_t lane_end, int64_t inner,       \
         int64_t n, T absmask, T expmask, const int with_w) {                                         \
     int64_t nonfinite = 0;                                                                           \
     const int nn = (int)n;                                                                           \
-    if (inner == 1) {                                                                                \
-        const T *src = w + lane_begin * M;                                                           \
-        uint8_t *dst = out + lane_begin * M;                                                         \
-        T *wdst = with_w ? wout + lane_begin * M : wout;                                             \
-        const int64_t groups = lane_end - lane_begin;                                                \
-        for (int64_t g = 0; g < groups; ++g) {                                                       \
-            T r[M]; S v[M];                                                                          \
-            for (int j = 0; j < M; ++j) {                                                            \
-                r[j] = src[g * M + j];                                                               \
-                v[j] = (S)(r[j] & absmask);                                                          \
-                nonfinite += ((r[j] & expmask) == expmask);                                          \
-            }                                                                                        \
-            for (int i = 0; i < M; ++i) {                                                            \
-                int cnt = 0;                                                                         \
-                for (int j = 0; j < i; ++j) cnt += (v[j] >= v[i]);                                   \
-                for (int j = i + 1; j < M; ++j) cnt += (v[j] > v[i]);                                \
-                const T keep = (T)(cnt < nn);                                                        \
-                dst[g * M + i] = (uint8_t)keep;                                                      \
-                if (with_w) wdst[g * M + i] = r[i] & (T)(0 - keep);                                  \
-            }                                                                                        \
-        }                                                                                            \
+    if (inner == 1) { /* groups of M consecutive values: a constant stride the compiler vectorizes */ \
+        for (int64_t g = lane_begin; g < lane_end; ++g)                                              \
+            nonfinite += nm_group_##SUF##_##M(w + g * M, out + g * M, with_w ? wout + g * M : wout, 1, \
+                                              nn, absmask, expmask, with_w);                         \
         return nonfinite;                                                                            \
     }                                                                                                \
     int64_t row = lane_begin / inner, c = lane_begin % inner, left = lane_end - lane_begin;          \
     while (left > 0) {                                                                               \
         const int64_t cend = (inner - c) < left ? inner : c + left;                                  \
-        const T *src = w + row * M * inner;                                                          \
-        uint8_t *dst = out + row * M * inner;                                                        \
-        T *wdst = with_w ? wout + row * M * inner : wout;                                            \
-        for (int64_t x = c; x < cend; ++x) {                                                         \
-            T r[M]; S v[M];                                                                          \
-            for (int j = 0; j < M; ++j) {                                                            \
-                r[j] = src[j * inner + x];                                                           \
-                v[j] = (S)(r[j] & absmask);                                                          \
-                nonfinite += ((r[j] & expmask) == expmask);                                          \
-            }                                                                                        \
-            for (int i = 0; i < M; ++i) {                                                            \
-                int cnt = 0;                                                                         \
-                for (int j = 0; j < i; ++j) cnt += (v[j] >= v[i]);                                   \
-                for (int j = i + 1; j < M; ++j) cnt += (v[j] > v[i]);                                \
-                const T keep = (T)(cnt < nn);                                                        \
-                dst[i * inner + x] = (uint8_t)keep;                                                  \
-                if (with_w) wdst[i * inner + x] = r[i] & (T)(0 - keep);                              \
-            }                                                                                        \
-        }                                                                                            \
+        const int64_t base = row * M * inner;                                                        \
+        for (int64_t x = c; x < cend; ++x)                                                           \
+            nonfinite += nm_group_##SUF##_##M(w + base + x, out + base + x,                          \
+                                              with_w ? wout + base + x : wout, inner, nn, absmask,    \
+                                              expmask, with_w);                                      \
         left -= cend - c;                                                                            \
         c = 0;                                                                                       \
         ++row;                                                                                       \
