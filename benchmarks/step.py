@@ -148,6 +148,46 @@ def _task(cfg: dict[str, Any], arm: str, kind: str, seed: int, nm: tuple[int, in
     return {"cfg": cfg, "arm": arm, "kind": kind, "seed": seed, **extra, **kw}
 
 
+def run_arms(
+    cfg: dict[str, Any], seeds: list[int], start: int, skip_lambda0: bool, save: Any, val_score: Any, fn: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Both phases of the comparison with ``fn`` (default :func:`run_task`); returns ``(results, best c)``.
+
+    Phase 1 (only with several c values): the SR-STE λ sweep, c chosen per pattern as the highest
+    ``val_score(results, arm, pattern)`` (a mean over seeds). Phase 2: every arm with the chosen c, pattern by
+    pattern (1:8 first), arm by arm, seed by seed, so that a run stopped early still holds complete, paired arms.
+    The chosen sweep arm is also reported as "SR-STE (λ val)". ``save(results, best)`` after each run.
+    """
+    results: list[dict[str, Any]] = []
+    best = {f"{n}:{m}": cfg["sweep_c"][0] for n, m in PATTERNS}
+    if len(cfg["sweep_c"]) > 1:
+        tasks = [_task(cfg, f"SR-STE c={c:g}", "srste", s, nm, c=c) for nm in PATTERNS for c in cfg["sweep_c"]
+                 for s in seeds]  # fmt: skip
+        results = run_all(tasks, cfg["workers"], save, fn=fn)
+        for nm in PATTERNS:
+            pat = f"{nm[0]}:{nm[1]}"
+            val = {c: val_score(results, f"SR-STE c={c:g}", pat) for c in cfg["sweep_c"]}
+            best[pat] = max(val, key=val.get)
+    done = list(results)
+    tasks = [_task(cfg, "dense", "dense", s) for s in seeds]
+    for nm in PATTERNS[::-1]:
+        c = best[f"{nm[0]}:{nm[1]}"]
+        arms = [("STEP fixed", "step", {"c": c, "switch_at": SWITCH}),
+                ("STEP auto", "step", {"c": c, "switch_at": "auto"}), ("STE", "srste", {"c": 0.0}),
+                ("warm-up + SR-STE", "warmup", {"c": c, "start": start})]  # fmt: skip
+        if len(cfg["sweep_c"]) == 1:  # otherwise run in the sweep
+            arms.insert(0, (f"SR-STE c={c:g}", "srste", {"c": c}))
+        if not skip_lambda0:
+            arms.append(("STEP fixed λ=0", "step", {"c": 0.0, "switch_at": SWITCH}))
+        tasks += [_task(cfg, arm, kind, s, nm, **kw) for arm, kind, kw in arms for s in seeds]
+    results = done + run_all(tasks, cfg["workers"], lambda rs: save(done + rs, best), fn=fn)
+    for nm in PATTERNS:
+        pat = f"{nm[0]}:{nm[1]}"
+        results += [{**r, "arm": "SR-STE (λ val)"} for r in list(results)
+                    if r["pattern"] == pat and r["arm"] == f"SR-STE c={best[pat]:g}"]  # fmt: skip
+    return results, best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small data, few epochs, 2 seeds (a smoke run)")
@@ -185,48 +225,10 @@ def main() -> None:
                                                    "best_c": best, "wall_seconds": time.perf_counter() - t0,
                                                    "runs": results}, indent=1))  # fmt: skip
 
-    # phase 1 (only with several c values): the SR-STE λ sweep, c chosen on validation per pattern (mean over seeds)
-    results: list[dict[str, Any]] = []
-    best = {f"{n}:{m}": cfg["sweep_c"][0] for n, m in PATTERNS}
-    if len(cfg["sweep_c"]) > 1:
-        tasks = [_task(cfg, f"SR-STE c={c:g}", "srste", s, nm, c=c) for nm in PATTERNS for c in cfg["sweep_c"]
-                 for s in seeds]  # fmt: skip
-        results = run_all(tasks, cfg["workers"], save)
-        for nm in PATTERNS:
-            pat = f"{nm[0]}:{nm[1]}"
-            val = {
-                c: statistics.mean(
-                    r["val_acc"] for r in results if r["pattern"] == pat and r["arm"] == f"SR-STE c={c:g}"
-                )
-                for c in cfg["sweep_c"]
-            }
-            best[pat] = max(val, key=val.get)
-    # phase 2: every arm with the chosen c; pattern by pattern (1:8 first), arm by arm, seed by seed, so that a run
-    # stopped early still holds complete, paired arms
-    done = list(results)
-    tasks = []
-    for nm in PATTERNS[::-1]:
-        pat, c = f"{nm[0]}:{nm[1]}", best[f"{nm[0]}:{nm[1]}"]
-        arms = [("dense", "dense", {}), (f"SR-STE c={c:g}", "srste", {"c": c}),
-                ("STEP fixed", "step", {"c": c, "switch_at": SWITCH}),
-                ("STEP auto", "step", {"c": c, "switch_at": "auto"}), ("STE", "srste", {"c": 0.0}),
-                ("warm-up + SR-STE", "warmup", {"c": c, "start": start})]  # fmt: skip
-        if not args.skip_lambda0:
-            arms.append(("STEP fixed λ=0", "step", {"c": 0.0, "switch_at": SWITCH}))
-        for arm, kind, kw in arms:
-            if arm == "dense":
-                if nm == PATTERNS[-1]:
-                    tasks += [_task(cfg, "dense", "dense", s) for s in seeds]
-                continue
-            if arm.startswith("SR-STE c=") and len(cfg["sweep_c"]) > 1:
-                continue  # run in the sweep
-            tasks += [_task(cfg, arm, kind, s, nm, **kw) for s in seeds]
-    results = done + run_all(tasks, cfg["workers"], lambda rs: save(done + rs, best))
-    for nm in PATTERNS:  # the chosen sweep arm is "SR-STE (λ val)"
-        pat = f"{nm[0]}:{nm[1]}"
-        for r in list(results):
-            if r["pattern"] == pat and r["arm"] == f"SR-STE c={best[pat]:g}":
-                results.append({**r, "arm": "SR-STE (λ val)"})
+    val_acc = lambda results, arm, pat: statistics.mean(  # noqa: E731
+        r["val_acc"] for r in results if r["pattern"] == pat and r["arm"] == arm
+    )
+    results, best = run_arms(cfg, seeds, start, args.skip_lambda0, save, val_acc)
     wall = time.perf_counter() - t0
     report(results, best, seeds)
     save(results, best)

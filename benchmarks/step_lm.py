@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE))  # the sibling benchmark modules (also in the spaw
 sys.path.insert(0, str(HERE.parent))  # this checkout's package
 
 import lm  # noqa: E402
-from step import PATTERNS, SWITCH, _quiet, _task, arm_callbacks, arm_record, run_all  # noqa: E402
+from step import PATTERNS, SWITCH, _quiet, arm_callbacks, arm_record, run_arms  # noqa: E402
 
 ARMS = ["STE", "SR-STE (λ val)", "warm-up + SR-STE", "STEP fixed", "STEP fixed λ=0", "STEP auto"]
 STEP_ARMS = ["STEP fixed", "STEP fixed λ=0", "STEP auto"]
@@ -271,36 +271,10 @@ def main() -> None:
                                                       **info, "best_c": best, "wall_seconds": time.perf_counter() - t0,
                                                       "runs": results}, indent=1))  # fmt: skip
 
-    # phase 1 (only with several c values): the SR-STE λ sweep, c chosen on validation per pattern (mean over seeds)
-    results: list[dict[str, Any]] = []
-    best = {f"{n}:{m}": cfg["sweep_c"][0] for n, m in PATTERNS}
-    if len(cfg["sweep_c"]) > 1:
-        tasks = [_task(cfg, f"SR-STE c={c:g}", "srste", s, nm, c=c) for nm in PATTERNS for c in cfg["sweep_c"]
-                 for s in seeds]  # fmt: skip
-        results = run_all(tasks, cfg["workers"], save, fn=run_task)
-        for nm in PATTERNS:
-            pat = f"{nm[0]}:{nm[1]}"
-            val = {c: statistics.mean(_nats(results, f"SR-STE c={c:g}", pat, "val_nats").values())
-                   for c in cfg["sweep_c"]}  # fmt: skip
-            best[pat] = min(val, key=val.get)
-    # phase 2: every arm with the chosen c, pattern by pattern (1:8 first), arm by arm, seed by seed
-    done = list(results)
-    tasks = [_task(cfg, "dense", "dense", s) for s in seeds]
-    for nm in PATTERNS[::-1]:
-        c = best[f"{nm[0]}:{nm[1]}"]
-        arms = [("STEP fixed", "step", {"c": c, "switch_at": SWITCH}),
-                ("STEP auto", "step", {"c": c, "switch_at": "auto"}), ("STE", "srste", {"c": 0.0}),
-                ("warm-up + SR-STE", "warmup", {"c": c, "start": start})]  # fmt: skip
-        if len(cfg["sweep_c"]) == 1:
-            arms.insert(0, (f"SR-STE c={c:g}", "srste", {"c": c}))
-        if not args.skip_lambda0:
-            arms.append(("STEP fixed λ=0", "step", {"c": 0.0, "switch_at": SWITCH}))
-        tasks += [_task(cfg, arm, kind, s, nm, **kw) for arm, kind, kw in arms for s in seeds]
-    results = done + run_all(tasks, cfg["workers"], lambda rs: save(done + rs, best), fn=run_task)
-    for nm in PATTERNS:  # the chosen sweep arm is "SR-STE (λ val)"
-        pat = f"{nm[0]}:{nm[1]}"
-        results += [{**r, "arm": "SR-STE (λ val)"} for r in list(results)
-                    if r["pattern"] == pat and r["arm"] == f"SR-STE c={best[pat]:g}"]  # fmt: skip
+    neg_val_nats = lambda results, arm, pat: -statistics.mean(  # noqa: E731 - lower nats/byte is better
+        _nats(results, arm, pat, "val_nats").values()
+    )
+    results, best = run_arms(cfg, seeds, start, args.skip_lambda0, save, neg_val_nats, fn=run_task)
     wall = time.perf_counter() - t0
     print(f"byte-level LM: {info['params']} parameters, {steps} AdamW steps × {cfg['batch']} × {ctx} bytes, "
           f"seeds {seeds}; corpus {meta['files']} files ({meta['sha256']}); {info['machine']}\n")  # fmt: skip
