@@ -222,7 +222,8 @@ def _missing_attach(out: Path, devices: int) -> None:
     trainer = pl.Trainer(
         default_root_dir=out / "missing", accelerator="cpu", devices=devices, max_steps=1,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=devices // 2),
-        callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+        callbacks=[SRSTECallback(1, 4, verbose=False)], logger=CSVLogger(out / "missing", name="logs"),
+        log_every_n_steps=1, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
     )  # fmt: skip
     try:
@@ -322,7 +323,8 @@ def _other_configuration(out: Path, devices: int) -> str:
         trainer = pl.Trainer(
             default_root_dir=out / "other", accelerator="cpu", devices=devices, max_steps=2,
             strategy=ModelParallelStrategy(devices, 1, save_distributed_checkpoint=True),
-            callbacks=[SRSTECallback(n, 4, verbose=False)], logger=False, enable_progress_bar=False,
+            callbacks=[SRSTECallback(n, 4, verbose=False)], logger=CSVLogger(out / "other", name=f"logs_{n}"),
+            log_every_n_steps=1, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
         )  # fmt: skip
         try:
@@ -358,7 +360,8 @@ def _malicious_folder(out: Path, devices: int) -> str:
     trainer = pl.Trainer(
         default_root_dir=out / "evil", accelerator="cpu", devices=devices, max_steps=2,
         strategy=ModelParallelStrategy(devices, 1, save_distributed_checkpoint=True),
-        callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+        callbacks=[SRSTECallback(1, 4, verbose=False)], logger=CSVLogger(out / "evil", name="logs"),
+        log_every_n_steps=1, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
     )  # fmt: skip
     try:
@@ -382,7 +385,8 @@ def _errors(out: Path, devices: int) -> None:
     ):
         trainer = pl.Trainer(
             default_root_dir=out / name, accelerator="cpu", devices=devices, strategy=strategy, max_steps=1,
-            callbacks=[SRSTECallback(1, 4, verbose=False)], logger=False, enable_progress_bar=False,
+            callbacks=[SRSTECallback(1, 4, verbose=False)], logger=CSVLogger(out / name, name="logs"),
+            log_every_n_steps=1, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False,
         )  # fmt: skip
         try:
