@@ -68,6 +68,35 @@ NM_KEYS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
 EXTRA = ".parametrizations.weight.0._extra_state"
 
 
+def _check_like_one_process(single: Any, ranks: list[Any], one: Path, many: Path, steps: int, logged: int) -> Any:
+    """A sharded SR-STE + schedule run against one process: the same steps, N:M states and masks on every rank
+    (fixed at 1:4), the full weights gathered on rank 0 only and equal within 1e-5, one set of export files whose
+    weights are exactly 1:4 along the input dim and equal one process's, and the N:M metrics logged every step.
+    Returns the sharded run's exported dense state dict."""
+    for r, got in enumerate(ranks):
+        assert got["step"] == single["step"] == steps and got["nm"] == single["nm"], r
+        for k in single["masks"]:
+            assert torch.equal(got["masks"][k], single["masks"][k]), (r, k)
+        assert bool(got["full"]) == (r == 0), r  # gathered on rank 0 only
+    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())  # fixed from step 9 on
+    assert set(ranks[0]["full"]) == set(single["full"])
+    for k, v in single["full"].items():
+        torch.testing.assert_close(ranks[0]["full"][k], v, rtol=0, atol=1e-5)
+    # the export (gathered, rank 0 writes): plain keys, exactly 1:4 along the input dim, equal to one process
+    dense_many = torch.load(next(many.glob("main/**/model_dense.pt")), weights_only=True)
+    dense_one = torch.load(next(one.glob("main/**/model_dense.pt")), weights_only=True)
+    assert set(dense_many) == set(dense_one)
+    for k in NM_KEYS:
+        w = dense_many[k]
+        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
+        torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
+    assert _files(many / "main") == _files(one / "main")  # one set of files, the same names as one process
+    rows = _rows(many / "main")
+    assert sum(1 for r in rows if r.get("nm/sparsity")) >= logged
+    assert float([r for r in rows if r.get("nm/sparsity")][-1]["nm/sparsity"]) == pytest.approx(0.75)
+    return dense_many
+
+
 def _check_saved_files(out: Path, plain_keys: Any) -> None:
     """The full file holds the plain model's keys with exactly N:M masked weights (and the N:M state aside); the
     sharded folder holds the plain keys too."""
@@ -93,28 +122,8 @@ def test_srste_under_fsdp2_equals_one_process_and_resumes_bit_exact(tmp_path):
     # each rank masked its own rows (torch.chunk: fc2's 5 rows split 3 + 2)
     assert r0["shards"] == {"conv1": (0, 4), "conv2": (0, 8), "fc1": (0, 14), "fc2": (0, 3)}
     assert r1["shards"] == {"conv1": (4, 8), "conv2": (8, 16), "fc1": (14, 28), "fc2": (3, 5)}
-    assert r0["step"] == single["step"] == 12 and r0["nm"] == r1["nm"] == single["nm"]
-    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())  # fixed from step 9 on
-    for k in single["masks"]:
-        assert torch.equal(r0["masks"][k], r1["masks"][k]) and torch.equal(r0["masks"][k], single["masks"][k]), k
-    assert set(r0["full"]) == set(single["full"]) and not r1["full"]  # gathered on rank 0 only
-    for k, v in single["full"].items():
-        torch.testing.assert_close(r0["full"][k], v, rtol=0, atol=1e-5)
-    # the export (gathered, rank 0 writes): plain keys, exactly 1:4 along the input dim, equal to one process
-    dense_two = torch.load(next(two.glob("main/**/model_dense.pt")), weights_only=True)
-    dense_one = torch.load(next(one.glob("main/**/model_dense.pt")), weights_only=True)
-    assert set(dense_two) == set(dense_one)
-    for k in NM_KEYS:
-        w = dense_two[k]
-        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)), k
-        assert int((w != 0).sum()) == w.numel() // 4, k
-        torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
-    assert _files(two / "main") == _files(one / "main")  # one set of files, the same names as one process
-    rows = _rows(two / "main")
-    assert sum(1 for r in rows if r.get("nm/sparsity")) >= 10
-    assert any(r.get("nm/flip_rate") for r in rows)
-    last = [r for r in rows if r.get("nm/sparsity")][-1]
-    assert float(last["nm/sparsity"]) == pytest.approx(0.75)
+    dense_two = _check_like_one_process(single, [r0, r1], one, two, steps=12, logged=10)
+    assert any(r.get("nm/flip_rate") for r in _rows(two / "main"))
 
     # stop mid-epoch at step 6, save, resume with a fresh model and callbacks: bit-identical to the unbroken run
     straight = torch.load(two / "straight_rank0_of_2.pt", weights_only=True)
@@ -127,7 +136,7 @@ def test_srste_under_fsdp2_equals_one_process_and_resumes_bit_exact(tmp_path):
             assert torch.equal(resumed["masks"][k], v), (name, k)
     # the full file: the plain model's keys with masked weights; the exact N:M state aside
     ckpt = torch.load(two / "full.ckpt", weights_only=True)
-    assert sorted(ckpt["state_dict"]) == sorted(dense_one)
+    assert sorted(ckpt["state_dict"]) == sorted(dense_two)
     for k in NM_KEYS:
         w, n = ckpt["state_dict"][k], ckpt["nm_lightning"]["state"][k.replace(".weight", EXTRA)]["n"]
         assert n < 4 and torch.equal(w != 0, nm_mask(w, n, 4) & (w != 0)), k
@@ -159,26 +168,10 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
     r1 = torch.load(two / "main_rank1_of_2.pt", weights_only=True)
     placed = {"conv1": "None", "conv2": "None", "fc1": "(Shard(dim=0),)", "fc2": "(Shard(dim=1),)"}
     assert r0["placements"] == r1["placements"] == placed
-    assert r0["step"] == single["step"] == 12 and r0["nm"] == r1["nm"] == single["nm"]
-    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())
-    for k in single["masks"]:
-        assert torch.equal(r0["masks"][k], r1["masks"][k]) and torch.equal(r0["masks"][k], single["masks"][k]), k
-    assert set(r0["full"]) == set(single["full"]) and not r1["full"]
-    for k, v in single["full"].items():
-        torch.testing.assert_close(r0["full"][k], v, rtol=0, atol=1e-5)
-    dense_two = torch.load(next(two.glob("main/**/model_dense.pt")), weights_only=True)
-    dense_one = torch.load(next(one.glob("main/**/model_dense.pt")), weights_only=True)
-    assert set(dense_two) == set(dense_one)
-    for k in NM_KEYS:
-        w = dense_two[k]
-        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
-        layer = k.rsplit(".", 1)[0]  # SparseLayer.effective gathers a placed weight on every rank
-        assert torch.equal(r0["effective"][layer], w) and torch.equal(r1["effective"][layer], w), k
-        torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
-    assert _files(two / "main") == _files(one / "main")
-    rows = _rows(two / "main")
-    assert sum(1 for r in rows if r.get("nm/sparsity")) >= 10
-    assert float([r for r in rows if r.get("nm/sparsity")][-1]["nm/sparsity"]) == pytest.approx(0.75)
+    dense_two = _check_like_one_process(single, [r0, r1], one, two, steps=12, logged=10)
+    for k in NM_KEYS:  # SparseLayer.effective gathers a placed weight on every rank
+        layer = k.rsplit(".", 1)[0]
+        assert torch.equal(r0["effective"][layer], dense_two[k]) and torch.equal(r1["effective"][layer], dense_two[k])
     straight = torch.load(two / "straight_rank0_of_2.pt", weights_only=True)
     for name in ("full.ckpt", "sharded.ckpt"):
         for rank in (0, 1):
@@ -188,7 +181,7 @@ def test_tensor_parallel_equals_one_process_and_resumes_bit_exact(tmp_path):
                 assert torch.equal(resumed["masks"][k], v), (name, k)
         for k, v in straight["full"].items():
             assert torch.equal(torch.load(two / f"resume_{name}_rank0_of_2.pt", weights_only=True)["full"][k], v)
-    _check_saved_files(two, dense_one)
+    _check_saved_files(two, dense_two)
     # DominoSearch: vote counts summed over the ranks, thresholds of each rank's part gathered for the checkpoint
     single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
     for rank in (0, 1):
@@ -234,27 +227,10 @@ def test_two_dimensional_mesh_equals_one_process_and_resumes_bit_exact(tmp_path)
     for r, got in enumerate(ranks):
         assert got["placements"] == placed, r
         assert all(got["local_part_ok"].values()), (r, got["local_part_ok"])
-        assert got["step"] == single["step"] == 10 and got["nm"] == single["nm"], r
-        for k in single["masks"]:
-            assert torch.equal(got["masks"][k], single["masks"][k]), (r, k)
-        assert bool(got["full"]) == (r == 0)  # gathered on rank 0 only
-    assert all(n == 1 and frozen for n, _, frozen in single["nm"].values())  # fixed from step 9 on
-    assert set(ranks[0]["full"]) == set(single["full"])
-    for k, v in single["full"].items():
-        torch.testing.assert_close(ranks[0]["full"][k], v, rtol=0, atol=1e-5)
-    dense_four = torch.load(next(four.glob("main/**/model_dense.pt")), weights_only=True)
-    dense_one = torch.load(next(one.glob("main/**/model_dense.pt")), weights_only=True)
-    assert set(dense_four) == set(dense_one)
+    dense_four = _check_like_one_process(single, ranks, one, four, steps=10, logged=9)
     for k in NM_KEYS:
-        w = dense_four[k]
-        assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
         layer = k.rsplit(".", 1)[0]
-        assert all(torch.equal(got["effective"][layer], w) for got in ranks), k
-        torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
-    assert _files(four / "main") == _files(one / "main")
-    rows = _rows(four / "main")
-    assert sum(1 for r in rows if r.get("nm/sparsity")) >= 9
-    assert float([r for r in rows if r.get("nm/sparsity")][-1]["nm/sparsity"]) == pytest.approx(0.75)
+        assert all(torch.equal(got["effective"][layer], dense_four[k]) for got in ranks), k
     # stopped at step 6, saved, resumed to step 10: bit-identical to the unbroken main run, on every rank
     for name in ("full.ckpt", "sharded.ckpt"):
         for r, straight in enumerate(ranks):
@@ -266,7 +242,7 @@ def test_two_dimensional_mesh_equals_one_process_and_resumes_bit_exact(tmp_path)
                 assert torch.equal(resumed["effective"][k], v), (name, r, k)
             for k, v in straight["full"].items():
                 assert torch.equal(resumed["full"][k], v), (name, r, k)
-    _check_saved_files(four, dense_one)
+    _check_saved_files(four, dense_four)
     # DominoSearch: vote counts summed over the whole mesh: the decisions of one process, one scheme file
     single = torch.load(one / "domino_rank0_of_1.pt", weights_only=True)
     for r in range(4):
