@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import signal
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -67,6 +71,28 @@ def trainer_kwargs(tmp_path, **over):
     )
     kw.update(over)
     return kw
+
+
+def metrics_rows(root: Path) -> list[dict[str, str]]:
+    """Rows of the CSV logger's metrics file under ``root`` (exactly one: rank 0 writes it)."""
+    files = list(root.rglob("metrics.csv"))
+    assert len(files) == 1, files
+    with open(files[0]) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def _no_hang():
+    """A rank-dependent collective deadlocks the workers: fail after 5 minutes instead of hanging CI."""
+
+    def _timeout(*_):
+        raise TimeoutError("distributed test hung (a collective call that depends on the rank?)")
+
+    old = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(300)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ files."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,37 +12,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyNet, make_data, trainer_kwargs
+from conftest import TinyNet, make_data, metrics_rows, trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
 from nm_lightning import DominoSearchCallback, SparsityScheduler, SRSTECallback, nm_mask, sparse_layers
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _no_hang():
-    """A rank-dependent collective deadlocks the workers: fail after 5 minutes instead of hanging CI."""
-
-    def _timeout(*_):
-        raise TimeoutError("distributed test hung (a collective call that depends on the rank?)")
-
-    old = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(300)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-def _logged(root: Path) -> list[dict[str, str]]:
-    """Rows of the CSV logger's metrics file (exactly one, written by rank 0)."""
-    import csv
-
-    files = list(root.rglob("metrics.csv"))
-    assert len(files) == 1, files
-    with open(files[0]) as f:
-        return list(csv.DictReader(f))
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("_no_hang")]
 
 
 class RankCheck(pl.Callback):
@@ -98,7 +73,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     double = _fit(tmp_path / "two", [*_spawn_callbacks(), RankCheck()], devices=2, batch_size=8, strategy="ddp_spawn")
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
     assert len(list((tmp_path / "two").rglob("export/scheme.json"))) == 1  # under the logger's log dir
-    rows = _logged(tmp_path / "two")
+    rows = metrics_rows(tmp_path / "two")
     assert sum(1 for r in rows if r.get("nm/sparsity")) >= 4 and any(r.get("nm/flip_rate") for r in rows)
     # with ddp_spawn the caller's model gets the plain masked weights back (see NMCallback.teardown)
     assert not sparse_layers(double)
@@ -123,7 +98,7 @@ def test_domino_search_under_ddp_writes_one_scheme(tmp_path):
     trainer.fit(model)
     files = sorted(p.name for p in tmp_path.rglob("found*"))
     assert files == ["found.dense.pt", "found.json"]
-    assert any(r.get("nm/domino/sparsity") for r in _logged(tmp_path))
+    assert any(r.get("nm/domino/sparsity") for r in metrics_rows(tmp_path))
 
 
 SCRIPT = Path(__file__).resolve().parent / "ddp_script.py"
@@ -161,7 +136,7 @@ def test_ddp_subprocess_launcher_equals_one_process(tmp_path, mode):
         torch.testing.assert_close(r0["weights"][k], single["weights"][k], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(r0["effective"][k], single["effective"][k], rtol=1e-4, atol=1e-5)
     assert _files(two / "run") == _files(one / "run")  # written once (rank 0), same names as the 1-process run
-    assert any(r.get("nm/sparsity") or r.get("nm/domino/sparsity") for r in _logged(two / "run"))
+    assert any(r.get("nm/sparsity") or r.get("nm/domino/sparsity") for r in metrics_rows(two / "run"))
     if mode != "domino":
         assert len(list((two / "run").rglob("export/scheme.json"))) == 1
     else:

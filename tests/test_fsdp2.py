@@ -6,9 +6,7 @@ mesh (4 processes: tensor parallelism, then nm_lightning.attach_pending, then FS
 
 from __future__ import annotations
 
-import csv
 import os
-import signal
 import subprocess
 import sys
 import types
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, metrics_rows
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -25,20 +23,6 @@ from nm_lightning import SRSTECallback, nm_mask, sparse_layers
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_script.py"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def _no_hang():
-    """A rank-dependent collective deadlocks the workers: fail after 5 minutes instead of hanging CI."""
-
-    def _timeout(*_):
-        raise TimeoutError("FSDP2 test hung (a collective call that depends on the rank?)")
-
-    old = signal.signal(signal.SIGALRM, _timeout)
-    signal.alarm(300)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def _script(tmp_path: Path, mode: str, devices: int, batch_size: int) -> Path:
@@ -55,13 +39,6 @@ def _script(tmp_path: Path, mode: str, devices: int, batch_size: int) -> Path:
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def _rows(root: Path) -> list[dict[str, str]]:
-    files = list(root.rglob("metrics.csv"))
-    assert len(files) == 1, files
-    with open(files[0]) as f:
-        return list(csv.DictReader(f))
 
 
 NM_KEYS = ("conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight")
@@ -91,7 +68,7 @@ def _check_like_one_process(single: Any, ranks: list[Any], one: Path, many: Path
         assert torch.equal(w != 0, nm_mask(w, 1, 4) & (w != 0)) and int((w != 0).sum()) == w.numel() // 4, k
         torch.testing.assert_close(w, dense_one[k], rtol=0, atol=1e-5)
     assert _files(many / "main") == _files(one / "main")  # one set of files, the same names as one process
-    rows = _rows(many / "main")
+    rows = metrics_rows(many / "main")
     assert sum(1 for r in rows if r.get("nm/sparsity")) >= logged
     assert float([r for r in rows if r.get("nm/sparsity")][-1]["nm/sparsity"]) == pytest.approx(0.75)
     return dense_many
@@ -123,7 +100,7 @@ def test_srste_under_fsdp2_equals_one_process_and_resumes_bit_exact(tmp_path):
     assert r0["shards"] == {"conv1": (0, 4), "conv2": (0, 8), "fc1": (0, 14), "fc2": (0, 3)}
     assert r1["shards"] == {"conv1": (4, 8), "conv2": (8, 16), "fc1": (14, 28), "fc2": (3, 5)}
     dense_two = _check_like_one_process(single, [r0, r1], one, two, steps=12, logged=10)
-    assert any(r.get("nm/flip_rate") for r in _rows(two / "main"))
+    assert any(r.get("nm/flip_rate") for r in metrics_rows(two / "main"))
 
     # stop mid-epoch at step 6, save, resume with a fresh model and callbacks: bit-identical to the unbroken run
     straight = torch.load(two / "straight_rank0_of_2.pt", weights_only=True)
@@ -420,7 +397,7 @@ def test_domino_search_under_fsdp2_decides_like_one_process(tmp_path):
     texts = [[p.read_text() for p in f] for f in found]
     assert len(texts[0]) == 1 and texts[0] == texts[1]
     assert _files(two / "main") == _files(one / "main")
-    assert any(r.get("nm/domino/sparsity") for r in _rows(two / "main"))
+    assert any(r.get("nm/domino/sparsity") for r in metrics_rows(two / "main"))
     # the callback state in a checkpoint holds every layer's full thresholds (gathered from the ranks' rows)
     states = [torch.load(d / "domino.ckpt", weights_only=True)["callbacks"] for d in (two, one)]
     (s2,), (s1,) = ([v for k, v in s.items() if k.startswith("DominoSearchCallback")] for s in states)
